@@ -1,0 +1,94 @@
+"""``pilotfish register`` and ``pilotfish discover``.
+
+Flags are generated from the settings models, so a flag, a ``PILOTFISH_*``
+variable and a seed variable (``HOST_IP``, ``ETCD_HOST``, ``DOCKER_HOST``)
+always mean the same thing. A bad setting stops the agent with one line and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from agents import __version__
+from agents.common.logging import configure_logging
+from agents.common.runner import install_event_loop_policy, run_until_signal
+from agents.common.settings import CommonSettings, DiscovererSettings, RegistrarSettings
+
+COMMANDS: dict[str, tuple[type[CommonSettings], str]] = {
+    "register": (RegistrarSettings, "register this host's containers in etcd"),
+    "discover": (DiscovererSettings, "route to registered containers through HAProxy"),
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, model: type[CommonSettings]) -> None:
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"PILOTFISH_{name.upper()}"
+        help_text = f"{field.description or ''} [env {env}]".strip()
+        if field.annotation is bool:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pilotfish", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"pilotfish {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command, (model, help_text) in COMMANDS.items():
+        _add_flags(sub.add_parser(command, help=help_text, description=help_text), model)
+    return parser
+
+
+def load_settings(command: str, flags: dict[str, Any]) -> CommonSettings:
+    model = COMMANDS[command][0]
+    given = {name: value for name, value in flags.items() if value is not None}
+    return model(**given)
+
+
+def describe_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else "settings"
+    value = first.get("input")
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid setting {name} (--{name.replace('_', '-')}): {message} (got {value!r})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        settings = load_settings(command, args)
+    except ValidationError as error:
+        print(f"pilotfish {command}: {describe_error(error)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    install_event_loop_policy()
+    if command == "register":
+        from agents.registrar.agent import serve as serve_registrar
+
+        assert isinstance(settings, RegistrarSettings)
+        asyncio.run(run_until_signal(lambda stop: serve_registrar(settings, stop)))
+    else:
+        from agents.discoverer.agent import serve as serve_discoverer
+
+        assert isinstance(settings, DiscovererSettings)
+        asyncio.run(run_until_signal(lambda stop: serve_discoverer(settings, stop)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

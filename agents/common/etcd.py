@@ -1,0 +1,276 @@
+"""The etcd connection: what aetcd itself does not provide.
+
+- several endpoints with failover (a gRPC ``ipv4:`` multi-address target);
+- gRPC keepalive, so a hung (SIGSTOPped) member is noticed in seconds instead
+  of every call and watch hanging silently (etcd refuses pings more often
+  than every 5 s);
+- a deadline on every unary call;
+- a lease keep-alive loop at TTL/3 that notices an expired lease (a refresh of
+  an expired lease returns TTL 0, it does not raise) and replaces it;
+- a watch that reports the revision of every event, so callers can resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+
+from agents.common.backoff import Backoff
+from agents.common.logging import OnceEvery, get_logger
+from agents.common.settings import CommonSettings
+
+log = get_logger("pilotfish.etcd")
+
+# Measured (STACK-FACTS.md): without all of these, a frozen member hangs calls
+# for 30 s and a watch on it receives nothing, silently.
+GRPC_OPTIONS: dict[str, Any] = {
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 2000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+    "grpc.http2.ping_timeout_ms": 2000,
+    # Reconnect quickly once a member is back (default backoff grows to 120 s).
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 2000,
+}
+
+EtcdError = aetcd.exceptions.ClientError
+RevisionCompacted = aetcd.exceptions.RevisionCompactedError
+
+
+def is_lease_not_found(error: BaseException) -> bool:
+    return "lease not found" in str(error)
+
+
+def grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
+    """(host, port) for aetcd, which joins them as ``host:port``.
+
+    One endpoint is passed through (a DNS name works). Several become gRPC's
+    ``ipv4:a:p,b:p,c:p`` target, which needs IP literals: names are resolved
+    once, here.
+    """
+    if len(endpoints) == 1:
+        return endpoints[0]
+    addresses = [f"{_resolve(host)}:{port}" for host, port in endpoints]
+    head, _, last_port = ",".join(addresses).rpartition(":")
+    return f"ipv4:{head}", int(last_port)
+
+
+def _resolve(host: str) -> str:
+    try:
+        socket.inet_aton(host)
+        return host
+    except OSError:
+        return socket.gethostbyname(host)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    lease: int
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """A PUT (value set) or a DELETE (value None) at ``revision``."""
+
+    key: bytes
+    value: bytes | None
+    revision: int
+
+
+class Etcd:
+    """Thin async face over aetcd; every failure surfaces as :data:`EtcdError`."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        host, port = grpc_target(settings.endpoints)
+        self.target = f"{host}:{port}"
+        self.timeout = settings.etcd_timeout
+        self.client = aetcd.Client(
+            host=host,
+            port=port,
+            username=settings.etcd_username,
+            password=settings.etcd_password,
+            timeout=None,  # per call, below: the watch stream must not time out
+            options=dict(GRPC_OPTIONS),
+        )
+        self.request_count = 0  # every RPC this process made (for benchmarks)
+
+    async def __aenter__(self) -> Etcd:
+        await self.client.connect()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            await self.client.close()
+        except Exception:  # closing a broken channel must not mask the real error
+            log.debug("etcd close failed", exc_info=True)
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        self.request_count += 1
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout)
+        except TimeoutError:
+            raise aetcd.exceptions.ConnectionTimeoutError(
+                f"etcd did not answer within {self.timeout}s"
+            ) from None
+
+    async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
+        """All keys under ``prefix`` and the store revision they were read at."""
+        result = await self._call(self.client.get_prefix(prefix.encode()))
+        items = [KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision) for kv in result]
+        return result.header.revision, items
+
+    async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
+        result = await self._call(self.client.put(key.encode(), value, lease=lease))
+        return int(result.header.revision)
+
+    async def delete(self, key: str) -> bool:
+        result = await self._call(self.client.delete(key.encode()))
+        return bool(result and result.deleted)
+
+    async def grant(self, ttl: int) -> int:
+        lease = await self._call(self.client.lease(ttl))
+        return int(lease.id)
+
+    async def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive; the remaining TTL, 0 if the lease is gone."""
+        reply = await self._call(self.client.refresh_lease(lease_id))
+        return int(reply.TTL) if reply is not None else 0
+
+    async def revoke(self, lease_id: int) -> None:
+        await self._call(self.client.revoke_lease(lease_id))
+
+    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Events under ``prefix`` from ``start_revision`` on.
+
+        Raises :data:`RevisionCompacted` if that revision is gone, and
+        :data:`EtcdError` when the stream breaks: callers resume from the last
+        revision they saw + 1.
+        """
+        self.request_count += 1
+        watch = await self._call(
+            self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+        )
+        try:
+            async for event in watch:
+                deleted = event.kind == aetcd.rtypes.EventKind.DELETE
+                yield WatchEvent(
+                    key=event.kv.key,
+                    value=None if deleted else event.kv.value,
+                    revision=event.kv.mod_revision,
+                )
+        finally:
+            # The stream may already be dead; cancelling is best effort.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.cancel(), 1.0)
+
+
+class LeaseKeeper:
+    """One lease for the life of an agent, kept alive at TTL/3.
+
+    If the lease is lost (expired while etcd or this process was away), a new
+    one is granted and ``on_new_lease`` is awaited, so the owner can re-put
+    every key on it.
+    """
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        ttl: int,
+        on_new_lease: Callable[[int], Awaitable[None]],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.etcd = etcd
+        self.ttl = ttl
+        self.on_new_lease = on_new_lease
+        self.on_error = on_error or (lambda _e: None)
+        self.lease_id: int | None = None
+        self.last_refresh = 0.0
+        self._lost = asyncio.Event()
+        self._quiet = OnceEvery(30.0)
+
+    @property
+    def interval(self) -> float:
+        return max(self.ttl / 3, 0.5)
+
+    def mark_lost(self) -> None:
+        """Called by the owner when a put says ``lease not found``."""
+        self._lost.set()
+
+    async def acquire(self) -> int:
+        """Grant a fresh lease (retrying until etcd answers) and announce it."""
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while True:
+            try:
+                self.lease_id = await self.etcd.grant(self.ttl)
+                break
+            except EtcdError as exc:
+                self._report("lease grant failed", exc)
+                await backoff.wait()
+        self._recovered()
+        self.last_refresh = time.monotonic()
+        self._lost.clear()
+        log.info("lease granted", lease=hex(self.lease_id), ttl=self.ttl)
+        await self.on_new_lease(self.lease_id)
+        return self.lease_id
+
+    async def run(self) -> None:
+        if self.lease_id is None:
+            await self.acquire()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self._next_wait())
+            if self._lost.is_set():
+                log.warning("lease lost, granting a new one", lease=hex(self.lease_id or 0))
+                await self.acquire()
+                continue
+            await self._refresh_once()
+
+    def _next_wait(self) -> float:
+        # After a failure, retry sooner than TTL/3 so a short outage does not
+        # let the lease expire.
+        if self._quiet.active("refresh"):
+            return min(self.interval, 0.5)
+        return self.interval
+
+    async def _refresh_once(self) -> None:
+        assert self.lease_id is not None
+        try:
+            remaining = await self.etcd.refresh(self.lease_id)
+        except EtcdError as exc:
+            self._report("lease refresh failed", exc)
+            return
+        self._recovered()
+        if remaining <= 0:
+            self._lost.set()
+        else:
+            self.last_refresh = time.monotonic()
+
+    def _report(self, what: str, exc: BaseException) -> None:
+        self.on_error(exc)
+        if self._quiet.should_log("refresh"):
+            log.warning(what + ", retrying", error=str(exc) or type(exc).__name__)
+
+    def _recovered(self) -> None:
+        held = self._quiet.clear("refresh")
+        if held:
+            log.info("etcd reachable again", retries=held + 1)
+
+    async def revoke(self) -> None:
+        if self.lease_id is not None:
+            await self.etcd.revoke(self.lease_id)
+            self.lease_id = None

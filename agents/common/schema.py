@@ -1,0 +1,176 @@
+"""The contract between the registrar and the discoverer.
+
+Key layout:   <prefix>/services/<service>/<host-id>/<container-id>:<private-port>
+Value:        the JSON of :class:`Instance`, with a ``version`` field.
+
+The registrar writes only through :func:`instance_key` and
+:meth:`Instance.to_json`; the discoverer reads only through :func:`parse_entry`.
+Every string that may later reach an HAProxy configuration line or a runtime
+command is held to a strict pattern here, so that a container label can never
+inject HAProxy configuration: the renderer can trust an ``Instance``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+SCHEMA_VERSION: Literal[1] = 1
+
+# Names that become etcd path segments and HAProxy backend/server names:
+# no whitespace, quotes, '#', '/', or anything HAProxy's parser treats specially.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,62}$"
+ATTRIBUTE_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# Attribute values never reach HAProxy verbatim, but they are shown in logs and
+# admin pages: printable, no whitespace or quotes.
+ATTRIBUTE_VALUE_PATTERN = r"^[A-Za-z0-9_.:/@+=,%-]{0,255}$"
+CONTAINER_ID_PATTERN = r"^[0-9a-f]{12,64}$"
+CONTAINER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+IMAGE_PATTERN = r"^[A-Za-z0-9_.:/@+-]{0,255}$"
+PREFIX_PATTERN = r"^(/[A-Za-z0-9_.-]+)+$"
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
+AttributeKey = Annotated[str, StringConstraints(pattern=ATTRIBUTE_KEY_PATTERN)]
+AttributeValue = Annotated[str, StringConstraints(pattern=ATTRIBUTE_VALUE_PATTERN)]
+ContainerId = Annotated[str, StringConstraints(pattern=CONTAINER_ID_PATTERN)]
+ContainerName = Annotated[str, StringConstraints(pattern=CONTAINER_NAME_PATTERN)]
+Image = Annotated[str, StringConstraints(pattern=IMAGE_PATTERN)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Weight = Annotated[int, Field(ge=0, le=256)]
+
+
+def _ip_literal(value: str) -> str:
+    # HAProxy never resolves a dynamic server's hostname: only IP literals work,
+    # and normalising them keeps one spelling per address.
+    return str(ipaddress.ip_address(value))
+
+
+IpAddress = Annotated[str, AfterValidator(_ip_literal)]
+
+Health = Literal["none", "starting", "healthy", "unhealthy"]
+State = Literal["up", "draining"]
+Mode = Literal["tcp", "http"]
+
+
+class Instance(BaseModel):
+    """One published port of one container on one host: a backend server."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: Literal[1] = SCHEMA_VERSION
+    service: Name
+    host_id: Name
+    address: IpAddress
+    port: Port
+    private_port: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
+    container_id: ContainerId
+    container_name: ContainerName = ""
+    image: Image = ""
+    image_id: Image = ""
+    tags: tuple[Tag, ...] = ()
+    attributes: dict[AttributeKey, AttributeValue] = Field(default_factory=dict)
+    health: Health = "none"
+    state: State = "up"
+    # How consumers should route to it (labels pilotfish.mode / .weight /
+    # .check / .port): typed, because they reach HAProxy.
+    mode: Mode = "tcp"
+    weight: Weight = 100
+    check: bool = False
+    frontend_port: Port | None = None
+    registered_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def key_suffix(self) -> str:
+        return f"{self.container_id}:{self.private_port}"
+
+    @property
+    def server_name(self) -> str:
+        """HAProxy server name: unique per backend and stable across restarts."""
+        return f"{self.host_id}_{self.container_id[:12]}_{self.private_port}"
+
+    @property
+    def bind_port(self) -> int:
+        """The consumer-side port (docker-discover's convention: the private port)."""
+        return self.frontend_port or self.private_port
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    def same_registration(self, other: Instance) -> bool:
+        """Equal in everything but the registration time (no rewrite needed)."""
+        return self.model_dump(exclude={"registered_at"}) == other.model_dump(
+            exclude={"registered_at"}
+        )
+
+
+class SchemaError(ValueError):
+    """A key or value in etcd that does not follow the contract."""
+
+
+_KEY_RE = re.compile(
+    r"^(?P<prefix>.+)/services/(?P<service>[^/]+)/(?P<host>[^/]+)/"
+    r"(?P<container>[0-9a-f]{12,64}):(?P<port>[0-9]{1,5})$"
+)
+
+
+def services_prefix(prefix: str) -> str:
+    return f"{validate_prefix(prefix)}/services/"
+
+
+def instance_key(prefix: str, instance: Instance) -> str:
+    return f"{services_prefix(prefix)}{instance.service}/{instance.host_id}/{instance.key_suffix}"
+
+
+def validate_prefix(prefix: str) -> str:
+    if not re.fullmatch(PREFIX_PATTERN, prefix):
+        raise SchemaError(f"prefix {prefix!r} must look like /name or /a/b ({PREFIX_PATTERN})")
+    return prefix
+
+
+def parse_key(prefix: str, key: str) -> tuple[str, str, str, int]:
+    """Split a key into (service, host id, container id, private port)."""
+    match = _KEY_RE.match(key)
+    if not match or match["prefix"] != prefix:
+        raise SchemaError(f"key {key!r} is not <prefix>/services/<service>/<host>/<id>:<port>")
+    service, host = match["service"], match["host"]
+    for what, value in (("service", service), ("host id", host)):
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise SchemaError(f"key {key!r}: {what} {value!r} does not match {NAME_PATTERN}")
+    return service, host, match["container"], int(match["port"])
+
+
+def parse_entry(prefix: str, key: bytes | str, value: bytes | str) -> Instance:
+    """Parse one etcd entry; the key and the value must agree.
+
+    Raises :class:`SchemaError` with a one-line reason for anything else.
+    """
+    key_text = key.decode(errors="replace") if isinstance(key, bytes) else key
+    service, host, container, port = parse_key(prefix, key_text)
+    try:
+        instance = Instance.model_validate_json(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "value"
+        raise SchemaError(f"key {key_text!r}: {where}: {first['msg']}") from None
+    if (instance.service, instance.host_id, instance.container_id, instance.private_port) != (
+        service,
+        host,
+        container,
+        port,
+    ):
+        raise SchemaError(f"key {key_text!r} does not match its value")
+    return instance
