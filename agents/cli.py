@@ -59,9 +59,18 @@ def load_settings(command: str, flags: dict[str, Any]) -> CommonSettings:
     return model(**given)
 
 
-def describe_error(error: ValidationError) -> str:
+def _field_name(model: type[CommonSettings], loc: str) -> str:
+    """The field behind an alias (errors name ``PILOTFISH_ETCD_HOST`` or ``ETCD_HOST``)."""
+    for name, field in model.model_fields.items():
+        aliases = getattr(field.validation_alias, "choices", [])
+        if loc == name or loc.lower() in (str(alias).lower() for alias in aliases):
+            return name
+    return loc
+
+
+def describe_error(error: ValidationError, model: type[CommonSettings]) -> str:
     first = error.errors()[0]
-    name = str(first["loc"][0]) if first["loc"] else "settings"
+    name = _field_name(model, str(first["loc"][0])) if first["loc"] else "settings"
     value = first.get("input")
     message = first["msg"].removeprefix("Value error, ")
     return f"invalid setting {name} (--{name.replace('_', '-')}): {message} (got {value!r})"
@@ -73,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(command, args)
     except ValidationError as error:
-        print(f"pilotfish {command}: {describe_error(error)}", file=sys.stderr)
+        print(f"pilotfish {command}: {describe_error(error, COMMANDS[command][0])}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     install_event_loop_policy()

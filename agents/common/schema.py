@@ -37,7 +37,7 @@ ATTRIBUTE_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 # admin pages: printable, no whitespace or quotes.
 ATTRIBUTE_VALUE_PATTERN = r"^[A-Za-z0-9_.:/@+=,%-]{0,255}$"
 CONTAINER_ID_PATTERN = r"^[0-9a-f]{12,64}$"
-CONTAINER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+CONTAINER_NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,127})?$"
 IMAGE_PATTERN = r"^[A-Za-z0-9_.:/@+-]{0,255}$"
 PREFIX_PATTERN = r"^(/[A-Za-z0-9_.-]+)+$"
 

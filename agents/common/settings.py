@@ -19,7 +19,7 @@ from agents.common.schema import NAME_PATTERN, PREFIX_PATTERN
 
 
 def _env(name: str, *seed: str) -> AliasChoices:
-    return AliasChoices(name, f"PILOTFISH_{name.upper()}", *seed)
+    return AliasChoices(f"PILOTFISH_{name.upper()}", *seed)
 
 
 def parse_endpoints(value: str) -> list[tuple[str, int]]:

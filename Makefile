@@ -1,0 +1,57 @@
+# pilotfish — common tasks. `make demo` and `make test` are the README's two commands.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl
+
+.PHONY: help deps venv test unit lint typecheck demo demo-down bench clean
+
+help:
+	@echo "make demo       bring up etcd, dockerd (if needed), registrar, discoverer+HAProxy, 3 whoami"
+	@echo "make demo-down  remove everything the demo started"
+	@echo "make test       the whole test suite (starts real dockerd, etcd, HAProxy)"
+	@echo "make unit       pure-logic tests only (no servers)"
+	@echo "make lint       ruff + mypy --strict"
+	@echo "make bench      the benchmarks under bench/"
+
+# Installs the Debian packages the agents and tests drive (root or sudo needed).
+deps:
+	@missing=""; for b in dockerd etcd haproxy busybox ip curl; do command -v $$b >/dev/null || missing=1; done; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=1; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBIAN_PACKAGES); \
+	fi
+
+$(BIN)/pilotfish: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/pilotfish
+
+test: deps venv
+	$(BIN)/pytest -ra
+
+unit: venv
+	$(BIN)/pytest -ra tests/unit
+
+lint: venv
+	$(BIN)/ruff check agents tests bench
+	$(BIN)/mypy --strict agents
+
+demo: deps venv
+	$(BIN)/python scripts/demo.py up
+
+demo-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python scripts/demo.py down; fi
+
+bench: deps venv
+	$(BIN)/python bench/registrar.py
+	$(BIN)/python bench/discoverer.py
+	$(BIN)/python bench/e2e.py
+
+clean: demo-down
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
