@@ -154,17 +154,25 @@ class Etcd:
     async def revoke(self, lease_id: int) -> None:
         await self._call(self.client.revoke_lease(lease_id))
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def watch_prefix(
+        self,
+        prefix: str,
+        start_revision: int,
+        on_created: Callable[[], None] | None = None,
+    ) -> AsyncIterator[WatchEvent]:
         """Events under ``prefix`` from ``start_revision`` on.
 
         Raises :data:`RevisionCompacted` if that revision is gone, and
         :data:`EtcdError` when the stream breaks: callers resume from the last
-        revision they saw + 1.
+        revision they saw + 1. ``on_created`` is called once etcd has accepted
+        the watch (before any event), so callers can report it as healthy.
         """
         self.request_count += 1
         watch = await self._call(
             self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
         )
+        if on_created is not None:
+            on_created()
         try:
             async for event in watch:
                 deleted = event.kind == aetcd.rtypes.EventKind.DELETE

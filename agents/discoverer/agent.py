@@ -1,0 +1,241 @@
+"""``pilotfish discover``: etcd source → catalog → HAProxy sink, supervised.
+
+One loop: each snapshot from the source goes through the empty-prefix guard
+and ``build_catalog`` and is applied to HAProxy. HAProxy is started with the
+first real catalog (the initial list), never with an empty guess, so a
+discoverer that cannot reach etcd at boot does not wipe an HAProxy that is
+still serving. SIGTERM leaves HAProxy serving unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from agents.common.admin import AdminServer
+from agents.common.backoff import Backoff
+from agents.common.etcd import Etcd
+from agents.common.logging import OnceEvery, get_logger
+from agents.common.settings import DiscovererSettings
+from agents.common.systemd import notify, watchdog_loop
+from agents.discoverer.guard import EmptyPrefixGuard
+from agents.discoverer.model import Catalog, Conflict, build_catalog
+from agents.discoverer.source import EtcdSource, Snapshot
+
+log = get_logger("pilotfish.discoverer")
+
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+APPLY_LATENCY = Histogram(
+    "pilotfish_discoverer_apply_latency_seconds",
+    "etcd event arrival → HAProxy updated (sink.apply done)",
+    buckets=_LATENCY_BUCKETS,
+)
+REGISTRATION_LATENCY = Histogram(
+    "pilotfish_discoverer_registration_latency_seconds",
+    "instance registered_at (registrar clock) → HAProxy updated, for new puts",
+    buckets=_LATENCY_BUCKETS,
+)
+BATCHES = Counter("pilotfish_discoverer_batches", "snapshots applied to HAProxy")
+APPLY_ERRORS = Counter("pilotfish_discoverer_apply_errors", "failed applies (retried)")
+EMPTY_PREFIX_ALARM = Gauge(
+    "pilotfish_discoverer_empty_prefix_alarm",
+    "1 while the service prefix is empty and the last known servers are held",
+)
+INSTANCES = Gauge("pilotfish_discoverer_instances", "instances served (after the guard)")
+SERVICES = Gauge("pilotfish_discoverer_services", "services (frontends) in the catalog")
+CONFLICTS = Gauge("pilotfish_discoverer_conflicts", "instances left out by port conflicts")
+
+# Registration latency is only meaningful for fresh registrations; an old
+# registered_at (a re-put after a lease loss) would pollute the histogram.
+_FRESH_REGISTRATION_S = 60.0
+
+
+class Sink(Protocol):
+    """What the agent needs from the HAProxy side (agents.discoverer.haproxy)."""
+
+    async def start(self, catalog: Catalog) -> None: ...
+    async def apply(self, catalog: Catalog) -> None: ...
+    async def run(self) -> None: ...
+    async def close(self, stop_haproxy: bool = False) -> None: ...
+    def healthy(self) -> tuple[bool, dict[str, object]]: ...
+
+
+class Source(Protocol):
+    def updates(self) -> AsyncIterator[Snapshot]: ...
+    def status(self) -> dict[str, object]: ...
+
+
+class Discoverer:
+    """The supervisor loop, independent of how the source and sink are built."""
+
+    def __init__(self, settings: DiscovererSettings, source: Source, sink: Sink) -> None:
+        self.settings = settings
+        self.source = source
+        self.sink = sink
+        self.guard = EmptyPrefixGuard()
+        self.started = False
+        self.catalog: Catalog = {}
+        self.served = 0
+        self.last_apply_error: str | None = None
+        self._conflicts: set[Conflict] = set()
+        self._quiet = OnceEvery(60.0)
+        self._supervisor: asyncio.Task[None] | None = None
+
+    # -- health ------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        etcd = self.source.status()
+        if self.started:
+            haproxy_ok, haproxy = self.sink.healthy()
+        else:
+            haproxy_ok, haproxy = False, {"state": "waiting for the first etcd list"}
+        if self.last_apply_error is not None:
+            haproxy_ok = False
+            haproxy = {**haproxy, "apply_error": self.last_apply_error}
+        ok = bool(etcd.get("watching")) and haproxy_ok and not self.guard.alarm
+        return ok, {
+            "etcd": etcd,
+            "haproxy": haproxy,
+            "empty_prefix_alarm": self.guard.alarm,
+            "empty_prefix_cause": self.guard.cause,
+            "held_instances": self.guard.held,
+            "instances": self.served,
+            "services": len(self.catalog),
+            "conflicts": len(self._conflicts),
+        }
+
+    # -- the loop ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Apply every snapshot until cancelled."""
+        try:
+            async for snapshot in self.source.updates():
+                await self._handle(snapshot)
+        finally:
+            if self._supervisor is not None:
+                self._supervisor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._supervisor
+
+    async def _handle(self, snapshot: Snapshot) -> None:
+        instances = self.guard.filter(snapshot.instances, snapshot.empty_cause)
+        EMPTY_PREFIX_ALARM.set(1 if self.guard.alarm else 0)
+        catalog, conflicts = build_catalog(instances.values(), self.settings.service_filter)
+        self._log_conflicts(conflicts)
+        await self._apply_until_done(catalog)
+        self.catalog = catalog
+        self.served = sum(len(s.servers) for s in catalog.values())
+        INSTANCES.set(self.served)
+        SERVICES.set(len(catalog))
+        BATCHES.inc()
+        self._observe(snapshot)
+
+    async def _apply_until_done(self, catalog: Catalog) -> None:
+        # HAProxy may be restarting: retry the same catalog with backoff. Changes
+        # arriving meanwhile are folded into the next snapshot by the source.
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while True:
+            try:
+                if self.started:
+                    await self.sink.apply(catalog)
+                else:
+                    await self.sink.start(catalog)
+                    self.started = True
+                    self._supervisor = asyncio.create_task(self._supervise(), name="haproxy")
+                    notify("READY=1")
+                    log.info("HAProxy serving", services=len(catalog))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # any HAProxy failure: keep trying, log once
+                APPLY_ERRORS.inc()
+                self.last_apply_error = str(error) or type(error).__name__
+                if self._quiet.should_log("apply"):
+                    log.error(
+                        "HAProxy update failed, retrying",
+                        error=self.last_apply_error,
+                        exc_info=True,
+                    )
+                await backoff.wait()
+                continue
+            if self.last_apply_error is not None:
+                held = self._quiet.clear("apply")
+                log.info("HAProxy updated again", retries=held + 1)
+                self.last_apply_error = None
+            return
+
+    async def _supervise(self) -> None:
+        try:
+            await self.sink.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Supervision is the sink's job; if it gives up, say so in /healthz
+            # (sink.healthy) rather than take routing down with the agent.
+            log.exception("HAProxy supervision stopped")
+
+    def _observe(self, snapshot: Snapshot) -> None:
+        APPLY_LATENCY.observe(time.monotonic() - snapshot.first_change_at)
+        if snapshot.relisted:
+            return
+        now = datetime.now(UTC)
+        for instance in snapshot.added:
+            if instance.service not in self.catalog:
+                continue  # filtered out by --services or a conflict
+            age = (now - instance.registered_at).total_seconds()
+            if 0 <= age <= _FRESH_REGISTRATION_S:
+                REGISTRATION_LATENCY.observe(age)
+
+    def _log_conflicts(self, conflicts: list[Conflict]) -> None:
+        current = set(conflicts)
+        for conflict in current - self._conflicts:
+            log.warning(
+                "instance conflicts with the catalog",
+                service=conflict.service,
+                server=conflict.server,
+                reason=conflict.reason,
+            )
+        self._conflicts = current
+        CONFLICTS.set(len(current))
+
+
+async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
+    """Run the discoverer until ``stop`` is set (SIGTERM / SIGINT)."""
+    from agents.discoverer.haproxy import HaproxySink  # the HAProxy side, built separately
+
+    etcd = Etcd(settings)
+    source = EtcdSource(etcd, settings.prefix)
+    sink = HaproxySink(settings)
+    discoverer = Discoverer(settings, source, sink)
+    admin = AdminServer(settings.admin_address, discoverer.health)
+    log.info(
+        "discoverer starting",
+        etcd=etcd.target,
+        prefix=settings.prefix,
+        services=sorted(settings.service_filter) or "all",
+    )
+    await admin.start()
+    loop = asyncio.create_task(discoverer.run(), name="discoverer")
+    watchdog = asyncio.create_task(watchdog_loop(lambda: not loop.done()), name="watchdog")
+    stopping = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait({loop, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loop.done() and not stop.is_set():
+            loop.result()  # the loop only ends by failing: raise its error
+    finally:
+        for task in (loop, watchdog, stopping):
+            task.cancel()
+        await asyncio.gather(loop, watchdog, stopping, return_exceptions=True)
+        if discoverer.started:
+            try:
+                await sink.close(stop_haproxy=settings.stop_haproxy_on_exit)
+            except Exception:
+                log.exception("closing the HAProxy side failed")
+        await admin.stop()
+        await etcd.close()
+        log.info("discoverer stopped", haproxy_left_running=not settings.stop_haproxy_on_exit)

@@ -1,0 +1,178 @@
+"""The supervisor loop with a scripted source and a recording sink."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from agents.common.schema import Instance, instance_key
+from agents.common.settings import DiscovererSettings
+from agents.discoverer.agent import Discoverer
+from agents.discoverer.model import Catalog
+from agents.discoverer.source import EmptyCause, Snapshot
+
+PREFIX = "/pf"
+
+
+def inst(n: int, service: str = "web", host: str = "host-a", **extra: Any) -> Instance:
+    return Instance(
+        service=service,
+        host_id=host,
+        address="127.0.0.1",
+        port=30000 + n,
+        private_port=8000 + n if "frontend_port" not in extra else 80,
+        container_id=f"{n:012x}",
+        **extra,
+    )
+
+
+def snap(*instances: Instance, cause: EmptyCause | None = None, relisted: bool = False) -> Snapshot:
+    return Snapshot(
+        instances={instance_key(PREFIX, i): i for i in instances},
+        keys={},
+        revision=1,
+        relisted=relisted,
+        empty_cause=cause,
+        first_change_at=0.0,
+        added=instances,
+    )
+
+
+class ScriptedSource:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Snapshot] = asyncio.Queue()
+
+    async def updates(self) -> AsyncIterator[Snapshot]:
+        while True:
+            yield await self.queue.get()
+
+    def status(self) -> dict[str, object]:
+        return {"watching": True}
+
+
+class RecordingSink:
+    def __init__(self, failures: int = 0) -> None:
+        self.started: list[Catalog] = []
+        self.applied: list[Catalog] = []
+        self.failures = failures
+        self.closed = False
+
+    async def start(self, catalog: Catalog) -> None:
+        self.started.append(catalog)
+
+    async def apply(self, catalog: Catalog) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionRefusedError("haproxy restarting")
+        self.applied.append(catalog)
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self, stop_haproxy: bool = False) -> None:
+        self.closed = True
+
+    def healthy(self) -> tuple[bool, dict[str, object]]:
+        return True, {"worker_pid": 1}
+
+
+def settings(**kw: Any) -> DiscovererSettings:
+    return DiscovererSettings(admin_address="off", **kw)
+
+
+async def run_with(
+    source: ScriptedSource, sink: RecordingSink, **kw: Any
+) -> tuple[Discoverer, asyncio.Task[None]]:
+    agent = Discoverer(settings(**kw), source, sink)
+    return agent, asyncio.create_task(agent.run())
+
+
+async def until(predicate: Any, within: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_first_snapshot_starts_then_applies() -> None:
+    source, sink = ScriptedSource(), RecordingSink()
+    agent, task = await run_with(source, sink)
+    assert not agent.health()[0]  # not started yet
+    source.queue.put_nowait(snap(inst(1), relisted=True))
+    await until(lambda: sink.started)
+    source.queue.put_nowait(snap(inst(1), inst(2)))
+    await until(lambda: sink.applied)
+    assert set(sink.applied[-1]["web"].servers) == {inst(1).server_name, inst(2).server_name}
+    ok, details = agent.health()
+    assert ok and details["instances"] == 2 and details["services"] == 1
+    await stop(task)
+
+
+async def test_services_filter() -> None:
+    source, sink = ScriptedSource(), RecordingSink()
+    _, task = await run_with(source, sink, services="web,api")
+    source.queue.put_nowait(snap(inst(1, "web"), inst(2, "api"), inst(3, "db")))
+    await until(lambda: sink.started)
+    assert set(sink.started[0]) == {"web", "api"}
+    await stop(task)
+
+
+async def test_wipe_alarm_holds_and_recovers() -> None:
+    source, sink = ScriptedSource(), RecordingSink()
+    agent, task = await run_with(source, sink)
+    a, b = inst(1, host="host-a"), inst(2, host="host-b")
+    source.queue.put_nowait(snap(a, b))
+    await until(lambda: sink.started)
+    source.queue.put_nowait(snap(cause="wipe"))
+    await until(lambda: len(sink.applied) == 1)
+    assert len(sink.applied[0]["web"].servers) == 2
+    ok, details = agent.health()
+    assert not ok and details["empty_prefix_alarm"] is True and details["held_instances"] == 2
+    assert REGISTRY.get_sample_value("pilotfish_discoverer_empty_prefix_alarm") == 1
+    source.queue.put_nowait(snap(a))
+    await until(lambda: len(sink.applied) == 2)
+    assert set(sink.applied[1]["web"].servers) == {a.server_name}
+    assert agent.health()[0]
+    assert REGISTRY.get_sample_value("pilotfish_discoverer_empty_prefix_alarm") == 0
+    await stop(task)
+
+
+async def test_apply_failure_is_retried_and_logged_once() -> None:
+    source, sink = ScriptedSource(), RecordingSink(failures=3)
+    agent, task = await run_with(source, sink)
+    source.queue.put_nowait(snap(inst(1)))
+    await until(lambda: sink.started)
+    with capture_logs() as logs:
+        source.queue.put_nowait(snap(inst(1), inst(2)))
+        await until(lambda: sink.applied, within=5)
+    events = [e["event"] for e in logs]
+    assert events.count("HAProxy update failed, retrying") == 1
+    assert "HAProxy updated again" in events
+    assert agent.health()[0]
+    await stop(task)
+
+
+async def test_conflicts_logged_once() -> None:
+    source, sink = ScriptedSource(), RecordingSink()
+    _, task = await run_with(source, sink)
+    early = datetime.now(UTC) - timedelta(seconds=5)
+    a = inst(1, "web", frontend_port=80, registered_at=early)
+    b = inst(2, "api", frontend_port=80)
+    with capture_logs() as logs:
+        source.queue.put_nowait(snap(a, b))
+        source.queue.put_nowait(snap(a, b))
+        await until(lambda: sink.applied)
+    conflicts = [e for e in logs if e["event"] == "instance conflicts with the catalog"]
+    assert len(conflicts) == 1 and conflicts[0]["service"] == "api"
+    assert set(sink.applied[-1]) == {"web"}
+    await stop(task)
