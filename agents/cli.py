@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(command, args)
     except ValidationError as error:
-        print(f"pilotfish {command}: {describe_error(error, COMMANDS[command][0])}", file=sys.stderr)
+        reason = describe_error(error, COMMANDS[command][0])
+        print(f"pilotfish {command}: {reason}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     install_event_loop_policy()

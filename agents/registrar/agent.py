@@ -1,0 +1,337 @@
+"""``pilotfish register``: Docker events → desired registrations → etcd.
+
+Every event is a hint to look at one container again (one inspect), except
+the ones that must not wait: stop/kill mark the container's registrations
+``draining`` and wait (briefly) for etcd to have it before the next event of
+that container is handled, so the watcher sees the drain before the delete;
+die, pause and destroy withdraw without asking Docker anything.
+
+Events of one container are handled in order, in its own lane; different
+containers do not wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agents.common.admin import AdminServer
+from agents.common.etcd import Etcd
+from agents.common.logging import get_logger
+from agents.common.settings import RegistrarSettings
+from agents.common.systemd import notify, watchdog_loop
+from agents.registrar.docker_source import (
+    ContainerEvent,
+    DockerSource,
+    DockerUnavailable,
+    Snapshot,
+)
+from agents.registrar.etcd_sink import EtcdSink, SinkHooks
+from agents.registrar.model import ContainerInfo, Refusal, desired_instances, draining
+
+log = get_logger("pilotfish.registrar")
+
+# A kill with one of these (or a stop) means the process is going away; other
+# signals (HUP to reload, USR1 …) leave the registration alone.
+STOP_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
+INSPECT_ACTIONS = frozenset({"start", "unpause", "health_status", "restart"})
+WITHDRAW_ACTIONS = frozenset({"die", "pause", "destroy"})
+# How long a stop/kill waits for etcd to hold the drain before the die may
+# delete it: long enough for a healthy etcd, short enough not to stall the lane.
+DRAIN_WRITE_WAIT = 1.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ns = "pilotfish_registrar"
+        self.events = Counter(
+            f"{ns}_events", "Docker events handled", ["action"], registry=self.registry
+        )
+        self.registrations = Gauge(
+            f"{ns}_registrations",
+            "Instances this host should have registered",
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            f"{ns}_pending_writes", "Keys not yet written to etcd", registry=self.registry
+        )
+        self.etcd_errors = Counter(f"{ns}_etcd_errors", "Failed etcd calls", registry=self.registry)
+        self.reconnects = Counter(
+            f"{ns}_reconnects",
+            "Reconnections after losing a peer",
+            ["peer"],
+            registry=self.registry,
+        )
+        self.leases = Counter(
+            f"{ns}_leases_granted", "Leases granted (1 + lost leases)", registry=self.registry
+        )
+        self.refusals = Counter(
+            f"{ns}_refusals", "Labels or variables refused", registry=self.registry
+        )
+        self.latency = Histogram(
+            f"{ns}_event_to_etcd_seconds",
+            "From the Docker event to the etcd write acknowledged",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        for peer in ("docker", "etcd"):
+            self.reconnects.labels(peer)
+
+
+class Registrar:
+    def __init__(
+        self,
+        settings: RegistrarSettings,
+        docker: DockerSource,
+        sink: EtcdSink,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.docker = docker
+        self.sink = sink
+        self.metrics = metrics
+        # Bumped on every snapshot: a lane that inspected before it is stale.
+        self.generation = 0
+        self._lanes: dict[str, asyncio.Task[None]] = {}
+        self._draining: set[str] = set()
+        self._refusals_logged: dict[str, set[Refusal]] = {}
+        self._docker_outages = 0
+
+    # --- the event loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with contextlib.aclosing(self.docker.stream()) as stream:
+            async for item in stream:
+                if isinstance(item, Snapshot):
+                    self._apply_snapshot(item)
+                else:
+                    self._dispatch(item)
+
+    async def close(self) -> None:
+        lanes = list(self._lanes.values())
+        for lane in lanes:
+            lane.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+
+    def _apply_snapshot(self, snapshot: Snapshot) -> None:
+        self.generation += 1
+        if self.docker.reconnects > self._docker_outages:
+            self.metrics.reconnects.labels("docker").inc(
+                self.docker.reconnects - self._docker_outages
+            )
+            self._docker_outages = self.docker.reconnects
+        running = {c.id for c in snapshot.containers}
+        self._draining &= running
+        for gone in set(self._refusals_logged) - running:
+            del self._refusals_logged[gone]
+        self.sink.replace_all({c.id: self._desired(c) for c in snapshot.containers})
+        self._update_gauges()
+        log.info(
+            "docker snapshot applied",
+            containers=len(snapshot.containers),
+            registrations=len(self.sink.desired),
+        )
+
+    def _dispatch(self, event: ContainerEvent) -> None:
+        self.metrics.events.labels(event.action).inc()
+        previous = self._lanes.get(event.container_id)
+        lane = asyncio.create_task(self._in_lane(previous, event, self.generation))
+        self._lanes[event.container_id] = lane
+        lane.add_done_callback(functools.partial(self._lane_done, event.container_id))
+
+    def _lane_done(self, container_id: str, lane: asyncio.Task[None]) -> None:
+        if self._lanes.get(container_id) is lane:
+            del self._lanes[container_id]
+
+    async def _in_lane(
+        self, previous: asyncio.Task[None] | None, event: ContainerEvent, generation: int
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        try:
+            await self._handle(event, generation)
+        except DockerUnavailable:
+            pass  # the stream notices too: it reconnects and resyncs everything
+        except Exception:
+            log.exception(
+                "event handling failed", action=event.action, container=event.container_id[:12]
+            )
+        finally:
+            self._update_gauges()
+
+    # --- one event --------------------------------------------------------------------
+
+    async def _handle(self, event: ContainerEvent, generation: int) -> None:
+        container_id = event.container_id
+        if event.action in INSPECT_ACTIONS:
+            if event.action in ("start", "restart"):
+                self._draining.discard(container_id)
+            container = await self.docker.inspect(container_id)
+            if generation != self.generation:
+                return  # a snapshot taken after this inspect already decided
+            instances = self._desired(container) if container else []
+            self.sink.set_container(container_id, instances, event.time_ns)
+        elif event.action == "stop" or (
+            event.action == "kill" and event.attributes.get("signal", "15") in STOP_SIGNALS
+        ):
+            await self._drain(container_id, event.time_ns)
+        elif event.action in WITHDRAW_ACTIONS:
+            if event.action != "pause":
+                self._draining.discard(container_id)
+                self._refusals_logged.pop(container_id, None)
+            self.sink.set_container(container_id, [], event.time_ns)
+
+    async def _drain(self, container_id: str, since_ns: int) -> None:
+        self._draining.add(container_id)
+        current = self.sink.instances_of(container_id)
+        if not current or all(i.state == "draining" for i in current):
+            return
+        keys = self.sink.set_container(container_id, draining(current), since_ns)
+        if not await self.sink.wait_written(keys, within=DRAIN_WRITE_WAIT):
+            log.warning("drain not yet in etcd, going on", container=container_id[:12])
+
+    def _desired(self, container: ContainerInfo) -> list[Any]:
+        instances, refusals = desired_instances(container, self.settings, datetime.now(UTC))
+        self._log_refusals(container.id, refusals)
+        if container.id in self._draining and container.state == "running":
+            return draining(instances)
+        return instances
+
+    def _log_refusals(self, container_id: str, refusals: list[Refusal]) -> None:
+        # One line per refusal, not one per health check of the same container.
+        seen = self._refusals_logged.setdefault(container_id, set())
+        for refusal in refusals:
+            if refusal not in seen:
+                seen.add(refusal)
+                self.metrics.refusals.inc()
+                log.warning(
+                    "label refused",
+                    container=refusal.container_name or refusal.container_id[:12],
+                    container_id=refusal.container_id[:12],
+                    label=refusal.label,
+                    reason=refusal.reason,
+                    skipped=refusal.skipped,
+                )
+
+    def _update_gauges(self) -> None:
+        self.metrics.registrations.set(len(self.sink.desired))
+        self.metrics.pending.set(self.sink.backlog)
+
+    # --- health -----------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        keeper = self.sink.keeper
+        lease_fresh = (
+            keeper.lease_id is not None and time.monotonic() - keeper.last_refresh < keeper.ttl
+        )
+        etcd_ok = lease_fresh and not self.sink.failing
+        details: dict[str, object] = {
+            "docker": {
+                "connected": self.docker.connected,
+                "reconnects": self.docker.reconnects,
+                "error": self.docker.last_error,
+            },
+            "etcd": {
+                "ok": etcd_ok,
+                "lease": keeper.lease_id,
+                "error": self.sink.last_error,
+            },
+            "registrations": len(self.sink.desired),
+            "pending_writes": self.sink.backlog,
+        }
+        return self.docker.connected and etcd_ok, details
+
+
+def _hooks(metrics: Metrics) -> SinkHooks:
+    leases = 0
+
+    def on_new_lease(_lease: int) -> None:
+        nonlocal leases
+        leases += 1
+        metrics.leases.inc()
+        if leases > 1:
+            metrics.reconnects.labels("etcd").inc()
+
+    return SinkHooks(
+        on_written=lambda _key, seconds: metrics.latency.observe(seconds),
+        on_error=lambda _error: metrics.etcd_errors.inc(),
+        on_new_lease=on_new_lease,
+        on_recovered=lambda: metrics.reconnects.labels("etcd").inc(),
+    )
+
+
+async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
+    metrics = Metrics()
+    async with Etcd(settings) as etcd, DockerSource(settings.docker_host) as docker:
+        sink = EtcdSink(
+            etcd,
+            prefix=settings.prefix,
+            host_id=settings.host_id,
+            ttl=settings.ttl,
+            hooks=_hooks(metrics),
+        )
+        registrar = Registrar(settings, docker, sink, metrics)
+        admin = AdminServer(settings.admin_address, registrar.health, metrics.registry)
+        await admin.start()
+        log.info(
+            "registrar started",
+            host_id=settings.host_id,
+            host_ip=settings.host_ip,
+            prefix=settings.prefix,
+            docker=settings.docker_host,
+            etcd=etcd.target,
+        )
+        try:
+            await _until_stopped(
+                stop,
+                sink.run(),
+                registrar.run(),
+                _ready_when_synced(sink),
+                watchdog_loop(lambda: registrar.health()[0]),
+            )
+        finally:
+            await registrar.close()
+            if settings.deregister_on_exit:
+                await _deregister(sink)
+            await admin.stop()
+    log.info("registrar stopped", deregistered=settings.deregister_on_exit)
+
+
+async def _ready_when_synced(sink: EtcdSink) -> None:
+    await sink.synced.wait()
+    notify("READY=1")
+
+
+async def _until_stopped(stop: asyncio.Event, *loops: Coroutine[Any, Any, None]) -> None:
+    """Run ``loops`` until ``stop`` is set; a loop that dies is a bug: re-raise it."""
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(loop) for loop in loops]
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                return
+            for task in done:
+                tasks.remove(task)
+                task.result()  # raises what killed it; a clean return is fine
+    finally:
+        for task in [stopper, *tasks]:
+            task.cancel()
+        await asyncio.gather(stopper, *tasks, return_exceptions=True)
+
+
+async def _deregister(sink: EtcdSink) -> None:
+    try:
+        async with asyncio.timeout(1.0):
+            await sink.deregister()
+        log.info("lease revoked: this host's registrations are gone")
+    except Exception as error:  # the lease expires by itself within the TTL anyway
+        log.warning("could not revoke the lease", error=str(error) or type(error).__name__)

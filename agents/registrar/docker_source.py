@@ -1,0 +1,232 @@
+"""The Docker side: a thin, typed face over aiodocker that never goes quiet.
+
+:meth:`DockerSource.stream` subscribes to the event stream *first*, then lists
+and inspects the running containers (so nothing that happens in between is
+lost: registrator's race), yields one :class:`Snapshot`, then one
+:class:`ContainerEvent` per container event. When the stream ends — an error,
+or silently, as it does when dockerd restarts (registrator #377) — or when
+dockerd stops answering ``/_ping``, it reconnects with backoff and starts
+over with a fresh snapshot. An outage is logged once, not once per retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from agents.common.backoff import Backoff
+from agents.common.logging import OnceEvery, get_logger
+from agents.registrar.model import ContainerInfo, container_from_inspect
+
+log = get_logger("pilotfish.docker")
+
+# Only these actions change what is registered; exec_* (health checks run
+# one per interval), attach, resize… are dropped.
+ACTIONS = frozenset(
+    {"start", "unpause", "health_status", "stop", "kill", "die", "pause", "destroy", "restart"}
+)
+
+
+class DockerUnavailable(Exception):
+    """dockerd did not answer (connection refused, reset, timeout, 5xx)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every running container, read right after the event stream opened."""
+
+    containers: list[ContainerInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEvent:
+    action: str  # "start", "health_status" (its ": healthy" suffix is cut off), …
+    container_id: str
+    time_ns: int  # when dockerd emitted it (for the event → etcd latency)
+    attributes: dict[str, str]
+
+
+class DockerSource:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ping_interval: float = 5.0,
+        call_timeout: float = 10.0,
+        concurrency: int = 16,
+    ) -> None:
+        self.url = url
+        self.ping_interval = ping_interval
+        self.call_timeout = call_timeout
+        self.concurrency = concurrency
+        self.connected = False
+        self.reconnects = 0
+        self.last_error = ""
+        self._client: aiodocker.Docker | None = None
+        self._quiet = OnceEvery(60.0)
+
+    @property
+    def client(self) -> aiodocker.Docker:
+        if self._client is None:
+            self._client = aiodocker.Docker(url=self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> DockerSource:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    # --- calls -----------------------------------------------------------------------
+
+    async def _json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                return await self.client._query_json(path, params=params)
+        except aiodocker.DockerError as error:
+            if error.status == 404:
+                raise
+            raise DockerUnavailable(f"{path}: {error}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise DockerUnavailable(f"{path}: {error or type(error).__name__}") from None
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        """The container as it is now; None if it no longer exists."""
+        try:
+            doc = await self._json(f"containers/{container_id}/json")
+        except aiodocker.DockerError:
+            return None
+        return container_from_inspect(doc)
+
+    async def running(self) -> list[ContainerInfo]:
+        listing = await self._json("containers/json")
+        limit = asyncio.Semaphore(self.concurrency)
+
+        async def inspect(container_id: str) -> ContainerInfo | None:
+            async with limit:
+                return await self.inspect(container_id)
+
+        found = await asyncio.gather(*(inspect(item["Id"]) for item in listing))
+        return [c for c in found if c is not None]
+
+    async def ping(self) -> None:
+        try:
+            async with (
+                asyncio.timeout(min(self.call_timeout, self.ping_interval)),
+                self.client._query("_ping", versioned_api=False) as response,
+            ):
+                await response.read()
+        except aiodocker.DockerError as error:
+            raise DockerUnavailable(f"_ping: {error}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise DockerUnavailable(f"_ping: {error or type(error).__name__}") from None
+
+    # --- the stream ------------------------------------------------------------------
+
+    async def stream(self) -> AsyncGenerator[Snapshot | ContainerEvent, None]:
+        """Snapshots and events, forever; reconnects by itself."""
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            try:
+                async for item in self._one_connection():
+                    backoff.reset()
+                    yield item
+                self._lost("event stream ended")
+            except DockerUnavailable as error:
+                self._lost(str(error))
+            except (aiohttp.ClientError, OSError, ValueError) as error:
+                self._lost(f"event stream broke: {error or type(error).__name__}")
+            await backoff.wait()
+
+    async def _one_connection(self) -> AsyncGenerator[Snapshot | ContainerEvent, None]:
+        params = {"filters": json.dumps({"type": ["container"]})}
+        try:
+            async with self.client._query("events", params=params, timeout=None) as response:
+                # The response headers mean dockerd has subscribed us: from
+                # here on nothing is missed, so the listing below is safe.
+                containers = await self.running()
+                self._connected()
+                yield Snapshot(containers)
+                async with _watchdog(self, response):
+                    while line := await response.content.readline():
+                        event = _parse_event(line)
+                        if event is not None:
+                            yield event
+        except aiodocker.DockerError as error:
+            raise DockerUnavailable(f"events: {error}") from None
+        finally:
+            self.connected = False
+
+    def _connected(self) -> None:
+        self.connected = True
+        self.last_error = ""
+        held = self._quiet.clear("docker")
+        if held or self.reconnects:
+            log.info("docker reachable again, resynced", retries=held + 1)
+
+    def _lost(self, why: str) -> None:
+        self.connected = False
+        self.last_error = why
+        self.reconnects += 1
+        if self._quiet.should_log("docker"):
+            log.warning("docker unavailable, reconnecting", error=why, url=self.url)
+
+
+@contextlib.asynccontextmanager
+async def _watchdog(source: DockerSource, response: aiohttp.ClientResponse) -> AsyncIterator[None]:
+    """Close the stream when dockerd stops answering, so the reader wakes up.
+
+    A hung dockerd (or a half-open socket) keeps the stream open with nothing
+    on it; only a request with a deadline tells that apart from a quiet host.
+    """
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(source.ping_interval)
+            try:
+                await source.ping()
+            except DockerUnavailable as error:
+                source.last_error = str(error)
+                # Wake the blocked readline, then drop the connection.
+                response.content.set_exception(error)
+                response.close()
+                return
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _parse_event(line: bytes) -> ContainerEvent | None:
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    action = str(data.get("Action") or data.get("status") or "").partition(":")[0]
+    actor = data.get("Actor") or {}
+    container_id = str(actor.get("ID") or data.get("id") or "")
+    if action not in ACTIONS or not container_id:
+        return None
+    return ContainerEvent(
+        action=action,
+        container_id=container_id,
+        time_ns=int(data.get("timeNano") or 0),
+        attributes={str(k): str(v) for k, v in (actor.get("Attributes") or {}).items()},
+    )

@@ -1,0 +1,280 @@
+"""The etcd side: holds the desired registrations and makes etcd match them.
+
+Writes never block the caller: :meth:`EtcdSink.set_container` updates the
+desired state and wakes the flusher, which writes the changed keys on the
+registrar's one lease with bounded concurrency. While etcd is away, the
+desired state is kept and the flusher retries with backoff; it converges
+when etcd returns. On every new lease (startup, or the old one expired),
+the flusher lists ``<prefix>/services/`` and reconciles this host's keys:
+keys of containers that are gone are deleted, keys of running containers
+are re-put on the new lease without ever being deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from agents.common.backoff import Backoff
+from agents.common.etcd import Etcd, EtcdError, LeaseKeeper, is_lease_not_found
+from agents.common.logging import OnceEvery, get_logger
+from agents.common.schema import Instance, instance_key, parse_key, services_prefix
+from agents.registrar.model import Plan, reconcile
+
+log = get_logger("pilotfish.sink")
+
+
+@dataclass
+class SinkHooks:
+    """Where the sink reports, for metrics (all optional)."""
+
+    on_written: Callable[[str, float], None] = lambda _key, _seconds: None
+    on_error: Callable[[BaseException], None] = lambda _error: None
+    on_new_lease: Callable[[int], None] = lambda _lease: None
+    on_recovered: Callable[[], None] = lambda: None
+
+
+@dataclass
+class _Pending:
+    """Keys to write, and since when each change was wanted (ns, for latency)."""
+
+    since: dict[str, int] = field(default_factory=dict)
+
+    def mark(self, keys: Iterable[str], since_ns: int) -> None:
+        for key in keys:
+            self.since.setdefault(key, since_ns)
+
+
+class EtcdSink:
+    def __init__(
+        self,
+        etcd: Etcd,
+        *,
+        prefix: str,
+        host_id: str,
+        ttl: int,
+        concurrency: int = 64,
+        hooks: SinkHooks | None = None,
+    ) -> None:
+        self.etcd = etcd
+        self.prefix = prefix
+        self.host_id = host_id
+        self.concurrency = concurrency
+        self.hooks = hooks or SinkHooks()
+        self.keeper = LeaseKeeper(etcd, ttl, self._new_lease, self.hooks.on_error)
+        self.desired: dict[str, Instance] = {}
+        self._by_container: dict[str, set[str]] = {}
+        # What etcd holds for this host on the current lease; None = present
+        # but to be rewritten (another lease, or unreadable).
+        self.written: dict[str, Instance | None] = {}
+        self._pending = _Pending()
+        self._loaded = False  # no deletes before the first Docker snapshot
+        self._need_full_sync = True
+        self._wake = asyncio.Event()
+        self._round = asyncio.Event()
+        self._quiet = OnceEvery(30.0)
+        self.last_error = ""
+        self.failing = False
+        self.synced = asyncio.Event()  # the first full reconcile with etcd is done
+
+    # --- the desired state (synchronous: never waits for etcd) ---------------------
+
+    def key_of(self, instance: Instance) -> str:
+        return instance_key(self.prefix, instance)
+
+    def instances_of(self, container_id: str) -> list[Instance]:
+        return [self.desired[k] for k in sorted(self._by_container.get(container_id, ()))]
+
+    def set_container(
+        self, container_id: str, instances: list[Instance], since_ns: int | None = None
+    ) -> list[str]:
+        """Make ``instances`` the registrations of ``container_id``; the keys that change."""
+        wanted = {self.key_of(i): i for i in instances}
+        old_keys = self._by_container.pop(container_id, set())
+        changed = [k for k in old_keys if k not in wanted]
+        for key in changed:
+            del self.desired[key]
+        for key, instance in wanted.items():
+            current = self.desired.get(key)
+            if current is None or not current.same_registration(instance):
+                self.desired[key] = instance
+                changed.append(key)
+        if wanted:
+            self._by_container[container_id] = set(wanted)
+        self._pending.mark(changed, since_ns or time.time_ns())
+        if changed:
+            self._wake.set()
+        return changed
+
+    def replace_all(self, containers: dict[str, list[Instance]]) -> None:
+        """A full Docker snapshot: everything not in it is withdrawn."""
+        now = time.time_ns()
+        for container_id in list(self._by_container):
+            if container_id not in containers:
+                self.set_container(container_id, [], now)
+        for container_id, instances in containers.items():
+            self.set_container(container_id, instances, now)
+        # Keys written earlier but no longer desired by anyone.
+        self._pending.mark((k for k in self.written if k not in self.desired), now)
+        self._loaded = True
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending.since)
+
+    # --- running ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        keeper = asyncio.create_task(self.keeper.run(), name="lease-keeper")
+        try:
+            await self._flush_forever()
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _new_lease(self, lease_id: int) -> None:
+        # Everything written on the old lease is gone or going: list and
+        # re-put on this one (no deletes for keys that stay desired).
+        self.written.clear()
+        self._need_full_sync = True
+        self.hooks.on_new_lease(lease_id)
+        self._wake.set()
+
+    async def _flush_forever(self) -> None:
+        backoff = Backoff(initial=0.05, maximum=2.0)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._loaded or self.keeper.lease_id is None:
+                continue
+            try:
+                if self._need_full_sync:
+                    await self._full_sync()
+                await self._flush()
+            except EtcdError as error:
+                self._failed(error)
+                await backoff.wait()
+                self._wake.set()
+                continue
+            backoff.reset()
+            self._recovered()
+
+    async def _full_sync(self) -> None:
+        lease = self.keeper.lease_id
+        _revision, items = await self.etcd.get_prefix(services_prefix(self.prefix))
+        found: dict[str, Instance | bytes | None] = {}
+        for item in items:
+            key = item.key.decode(errors="replace")
+            if self._owns(key):
+                found[key] = item.value if item.lease == lease else None
+        plan = reconcile(self.desired, found, self.prefix, self.host_id)
+        # Keys that already hold the desired value on this lease need no
+        # write; every other key found is to be rewritten (None) or deleted.
+        matching = set(found) - set(plan.puts) - set(plan.deletes)
+        self.written = {k: self.desired[k] if k in matching else None for k in found}
+        self._pending.mark([*plan.puts, *plan.deletes], time.time_ns())
+        self._need_full_sync = False
+        log.info(
+            "reconciled with etcd",
+            lease=hex(lease or 0),
+            found=len(found),
+            to_put=len(plan.puts),
+            to_delete=len(plan.deletes),
+        )
+
+    def _owns(self, key: str) -> bool:
+        try:
+            return parse_key(self.prefix, key)[1] == self.host_id
+        except ValueError:
+            return False
+
+    async def _flush(self) -> None:
+        """Write every pending key; a failure leaves the rest pending."""
+        while self._pending.since and not self._need_full_sync:
+            keys = list(self._pending.since)
+            desired = {k: self.desired[k] for k in keys if k in self.desired}
+            actual = {k: self.written[k] for k in keys if k in self.written}
+            plan = reconcile(desired, actual, self.prefix, self.host_id)
+            for key in set(keys) - set(plan.puts) - set(plan.deletes):
+                self._pending.since.pop(key, None)  # already as wanted
+            await self._write(plan)
+            self._round.set()
+            self._round = asyncio.Event()
+
+    async def _write(self, plan: Plan) -> None:
+        limit = asyncio.Semaphore(self.concurrency)
+        lease = self.keeper.lease_id
+
+        async def put(key: str) -> None:
+            instance = self.desired[key]
+            async with limit:
+                try:
+                    await self.etcd.put(key, instance.to_json(), lease=lease)
+                except EtcdError as error:
+                    if is_lease_not_found(error):
+                        self.keeper.mark_lost()
+                    raise
+            self.written[key] = instance
+            self._done(key, instance)
+
+        async def delete(key: str) -> None:
+            async with limit:
+                await self.etcd.delete(key)
+            self.written.pop(key, None)
+            self._done(key, None)
+
+        results = await asyncio.gather(
+            *(put(k) for k in plan.puts),
+            *(delete(k) for k in plan.deletes),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _done(self, key: str, written: Instance | None) -> None:
+        current = self.desired.get(key)
+        still_wanted = (current is None and written is None) or (
+            current is not None and written is not None and current.same_registration(written)
+        )
+        if not still_wanted:
+            return  # a newer change arrived during the write: it stays pending
+        since = self._pending.since.pop(key, None)
+        if since is not None:
+            self.hooks.on_written(key, (time.time_ns() - since) / 1e9)
+
+    async def wait_written(self, keys: Iterable[str], within: float) -> bool:
+        """Wait until etcd holds the desired value of ``keys`` (False on timeout)."""
+        keys = list(keys)
+        try:
+            async with asyncio.timeout(within):
+                while any(k in self._pending.since for k in keys):
+                    await self._round.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _failed(self, error: BaseException) -> None:
+        self.failing = True
+        self.last_error = str(error) or type(error).__name__
+        self.hooks.on_error(error)
+        if self._quiet.should_log("etcd"):
+            log.warning("etcd write failed, retrying", error=self.last_error, pending=self.backlog)
+
+    def _recovered(self) -> None:
+        if self.failing:
+            self.hooks.on_recovered()
+        self.failing = False
+        self.synced.set()
+        held = self._quiet.clear("etcd")
+        if held:
+            log.info("etcd writes flowing again", retries=held + 1)
+
+    async def deregister(self) -> None:
+        """Revoke the lease: every key of this host disappears at once."""
+        await self.keeper.revoke()

@@ -1,0 +1,111 @@
+"""Peers going away under the registrar: etcd (one node, a cluster member), dockerd."""
+# ruff: noqa: F811  (pytest fixtures are imported from registrar_kit, then requested by name)
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import pytest
+from registrar_kit import (  # noqa: F401  (fixtures)
+    DockerCli,
+    EtcdView,
+    call,
+    docker,
+    etcd_endpoint,
+    eventually,
+    reg_prefix,
+    registrar,
+    settings_for,
+    unique,
+    view,
+    whoami,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def _keys_of(view: EtcdView, host_id: str) -> set[str]:
+    return set(await view.instances(host_id))
+
+
+@pytest.mark.parametrize("outage", ["shorter", "longer"])
+async def test_etcd_outage_loses_nothing_and_converges_when_back(
+    outage: str,
+    etcd: Any,
+    docker: DockerCli,
+    etcd_endpoint: str,
+    reg_prefix: str,
+    view: EtcdView,
+    whoami: str,
+) -> None:
+    ttl = 3
+    settings = settings_for(docker, etcd_endpoint, reg_prefix, ttl=ttl)
+    before = await docker.run(whoami)
+    async with registrar(settings):
+        await eventually(lambda: view.of_container(before))
+        await call(etcd.stop)
+        try:
+            during = await docker.run(whoami)  # registered once etcd is back
+            await asyncio.sleep(1.0 if outage == "shorter" else ttl + 2.0)
+        finally:
+            await call(etcd.start)
+        await eventually(lambda: view.of_container(before), within=ttl + 2)
+        await eventually(lambda: view.of_container(during), within=ttl + 2)
+        # Both still there a TTL later: they hang on a live, kept-alive lease.
+        await asyncio.sleep(ttl + 0.5)
+        assert await view.of_container(before) and await view.of_container(during)
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+async def test_cluster_member_lost_registration_goes_on(
+    how: str, etcd_cluster: Any, docker: DockerCli, whoami: str
+) -> None:
+    endpoints = ",".join(member.endpoint for member in etcd_cluster.members)
+    prefix = "/" + unique("reg")
+    settings = settings_for(docker, endpoints, prefix, ttl=10)
+    async with EtcdView(endpoints, prefix) as view, registrar(settings):
+        first = await docker.run(whoami)
+        await eventually(lambda: view.of_container(first))
+        victim = etcd_cluster.members[0]
+        if how == "kill":
+            await call(victim.stop)
+        else:
+            os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            second = await docker.run(whoami)
+            # A frozen member is noticed by gRPC keepalive (~7 s), then calls move on.
+            await eventually(lambda: view.of_container(second), within=20)
+            assert await view.of_container(first)
+        finally:
+            if how == "kill":
+                await call(victim.start)
+            else:
+                os.kill(victim.pid, signal.SIGCONT)
+
+
+async def test_dockerd_restart_reconnects_resyncs_and_registers_new_containers(
+    dockerd: Any,
+    docker: DockerCli,
+    etcd_endpoint: str,
+    reg_prefix: str,
+    view: EtcdView,
+    whoami: str,
+) -> None:
+    settings = settings_for(docker, etcd_endpoint, reg_prefix)
+    async with registrar(settings):
+        cid = await docker.run(whoami)
+        await eventually(lambda: view.of_container(cid))
+        await call(dockerd.restart)
+        # Without live-restore the container is stopped with dockerd: the
+        # resync after the reconnect withdraws it.
+        await eventually(lambda: _gone_or_running(docker, view, cid), within=20)
+        after = await docker.run(whoami)
+        await eventually(lambda: view.of_container(after), within=10)
+
+
+async def _gone_or_running(docker: DockerCli, view: EtcdView, cid: str) -> bool:
+    running = await docker("inspect", "-f", "{{.State.Running}}", cid) == "true"
+    return running == bool(await view.of_container(cid))
