@@ -221,7 +221,11 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
     )
     await admin.start()
     loop = asyncio.create_task(discoverer.run(), name="discoverer")
-    watchdog = asyncio.create_task(watchdog_loop(lambda: not loop.done()), name="watchdog")
+    # Not discoverer.health(): an empty-prefix alarm must not get us restarted
+    # (we hold the last known servers on purpose); a stuck loop or a dead HAProxy must.
+    watchdog = asyncio.create_task(
+        watchdog_loop(lambda: not loop.done() and sink.healthy()[0]), name="watchdog"
+    )
     stopping = asyncio.create_task(stop.wait(), name="stop")
     try:
         await asyncio.wait({loop, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Bring the compose demo (compose/docker-compose.yml) up with locally built
+# images, check the registrar registered the three whoami instances in etcd,
+# reach them through the discoverer's HAProxy from the client container, and
+# take it down.
+#
+#   deploy/ci-compose.sh          # on a private dockerd (see lib.sh); PF_KEEP=1 keeps it up
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+need_packages docker-compose=docker-compose etcdctl=etcd-client
+
+[[ -n "${DOCKER_HOST:-}" ]] && PF_DOCKER_HOST_GIVEN=1
+start=$SECONDS
+dockerd_up
+"$PF_REPO/deploy/build-images.sh"
+whoami_image
+ETCD_IMAGE="${ETCD_IMAGE:-pilotfish-etcd:bookworm}"
+if ! docker image inspect "$ETCD_IMAGE" >/dev/null 2>&1; then
+    log "docker build -f compose/etcd.Dockerfile -t $ETCD_IMAGE"
+    docker build --network host -f "$PF_REPO/compose/etcd.Dockerfile" -t "$ETCD_IMAGE" \
+        --build-arg BASE_IMAGE="$PF_BASE_IMAGE" "$PF_REPO/compose" >"$PF_DEPLOY_DIR/build-etcd.log" 2>&1 \
+        || { tail -30 "$PF_DEPLOY_DIR/build-etcd.log" >&2; exit 1; }
+fi
+log "images ready after $((SECONDS - start)) s"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+export ETCD_IMAGE HOST_IP="$PF_HOST_IP" DOCKER_SOCKET="${DOCKER_HOST#unix://}"
+export PILOTFISH_REGISTRAR_IMAGE="$PF_REGISTRAR_IMAGE" PILOTFISH_DISCOVERER_IMAGE="$PF_DISCOVERER_IMAGE"
+export WHOAMI_IMAGE="$PF_WHOAMI_IMAGE" PILOTFISH_PREFIX="/demo-$$"
+# Host-network ports moved off the defaults, so the demo never collides with
+# anything else on the CI machine.
+ETCD_PUBLISH="127.0.0.1:$(free_port)"
+WHOAMI_PORT="$(free_port)"
+STATS_ADDRESS="127.0.0.1:$(free_port)"
+DISCOVERER_ADMIN_ADDRESS="127.0.0.1:$(free_port)"
+export ETCD_PUBLISH WHOAMI_PORT STATS_ADDRESS DISCOVERER_ADMIN_ADDRESS
+compose=(docker-compose -p "pfdemo$$" -f "$PF_REPO/compose/docker-compose.yml")
+
+down() {
+    local rc=$?
+    if ((rc != 0)); then "${compose[@]}" logs --tail=30 registrar discoverer >&2 || true; fi
+    if [[ "${PF_KEEP:-0}" != 1 ]]; then
+        "${compose[@]}" down -v --remove-orphans >&2 || true
+        [[ -n "${PF_EXTERNAL_DOCKER:-}" ]] || dockerd_down
+    fi
+    log "compose run: $((SECONDS - start)) s in all (exit $rc)"
+    exit $rc
+}
+[[ -n "${PF_DOCKER_HOST_GIVEN:-}" ]] && PF_EXTERNAL_DOCKER=1
+trap down EXIT
+
+up_start=$SECONDS
+"${compose[@]}" up -d >&2
+log "compose up in $((SECONDS - up_start)) s"
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@"; do
+        ((SECONDS < deadline)) || { log "timed out: $what"; return 1; }
+        sleep 1
+    done
+}
+registered() {
+    [[ "$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD_PUBLISH" get --prefix --keys-only \
+        "$PILOTFISH_PREFIX/services/whoami/" 2>/dev/null | grep -c .)" == 3 ]]
+}
+wait_for 60 "3 whoami instances registered under $PILOTFISH_PREFIX" registered
+log "registrar: 3 whoami instances in etcd after $((SECONDS - up_start)) s"
+
+fetch() { "${compose[@]}" exec -T client wget -qO- -T 2 "http://127.0.0.1:$WHOAMI_PORT/" 2>/dev/null; }
+wait_for 60 "whoami through the discoverer on 127.0.0.1:$WHOAMI_PORT" fetch >/dev/null
+seen="$(for _ in $(seq 1 12); do fetch; done | sort -u)"
+printf '%s\n' "$seen" >&2
+[[ "$(grep -c '^Hostname:' <<<"$seen")" == 3 ]] || { log "expected 3 distinct backends"; exit 1; }
+log "client reached all 3 whoami instances through HAProxy after $((SECONDS - up_start)) s"
