@@ -235,11 +235,11 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
         for task in (loop, watchdog, stopping):
             task.cancel()
         await asyncio.gather(loop, watchdog, stopping, return_exceptions=True)
-        if discoverer.started:
-            try:
-                await sink.close(stop_haproxy=settings.stop_haproxy_on_exit)
-            except Exception:
-                log.exception("closing the HAProxy side failed")
+        # Always: start() may have been cancelled after HAProxy was already up.
+        try:
+            await sink.close(stop_haproxy=settings.stop_haproxy_on_exit)
+        except Exception:
+            log.exception("closing the HAProxy side failed")
         await admin.stop()
         await etcd.close()
         log.info("discoverer stopped", haproxy_left_running=not settings.stop_haproxy_on_exit)

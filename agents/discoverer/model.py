@@ -13,7 +13,9 @@ from typing import Literal
 
 from agents.common.schema import Instance
 
-ServerState = Literal["up", "draining"]
+# "maint" only appears in a view read back from HAProxy (a removal half done,
+# or an added server never enabled); instances are only ever up or draining.
+ServerState = Literal["up", "draining", "maint"]
 
 
 @dataclass(frozen=True, slots=True)
