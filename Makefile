@@ -5,12 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl
 
-.PHONY: help deps venv test unit lint typecheck demo demo-down bench clean
+.PHONY: help deps venv test test-deploy unit lint typecheck demo demo-down bench clean
 
 help:
 	@echo "make demo       bring up etcd, dockerd (if needed), registrar, discoverer+HAProxy, 3 whoami"
 	@echo "make demo-down  remove everything the demo started"
 	@echo "make test       the whole test suite (starts real dockerd, etcd, HAProxy)"
+	@echo "make test-deploy  the demo, systemd units, images and compose stack, built and run"
 	@echo "make unit       pure-logic tests only (no servers)"
 	@echo "make lint       ruff + mypy --strict"
 	@echo "make bench      the benchmarks under bench/"
@@ -32,8 +33,16 @@ $(BIN)/pilotfish: pyproject.toml
 
 venv: $(BIN)/pilotfish
 
+# The suite of agents and stack (unit + integration against real servers).
+# The container images are built and run by `make test-deploy` (CI runs both).
 test: deps venv
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra -m "not deploy"
+
+test-deploy: deps venv
+	deploy/ci-demo.sh
+	deploy/verify-systemd.sh
+	deploy/ci-images.sh
+	deploy/ci-compose.sh
 
 unit: venv
 	$(BIN)/pytest -ra tests/unit

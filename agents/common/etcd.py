@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+# The discoverer forks HAProxy; gRPC's fork handlers are not needed (the child
+# execs at once) and only print a warning on every fork. Set before grpc loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd
 import aetcd.exceptions

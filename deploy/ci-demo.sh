@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# CI: the README's first command, for real. `make demo` must answer through
+# HAProxy from three different containers; `make demo-down` must leave nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEMO_DIR="${PILOTFISH_DEMO_DIR:-/tmp/pilotfish-demo}"
+
+make demo
+pids="$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(" ".join(str(v) for k,v in s.items() if k.endswith("_pid")))' "$DEMO_DIR/state.json")"
+bridge="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("bridge") or "")' "$DEMO_DIR/state.json")"
+answers="$(for _ in $(seq 1 12); do curl -fsS --max-time 2 127.0.0.1:8080; done | sort -u | wc -l)"
+echo "distinct containers answering on 127.0.0.1:8080: $answers"
+curl -fsS --max-time 2 -o /dev/null 127.0.0.1:1936/ && echo "stats page answers on :1936"
+make demo-down
+
+left=""
+for pid in $pids; do
+    # A zombie (nobody reaps orphans in some CI sandboxes) counts as gone.
+    state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)"
+    [[ -z "$state" || "$state" == Z ]] || left+=" pid $pid"
+done
+[[ -z "$bridge" ]] || ! ip link show "$bridge" >/dev/null 2>&1 || left+=" bridge $bridge"
+[[ ! -e "$DEMO_DIR" ]] || left+=" $DEMO_DIR"
+if [[ "$answers" -lt 3 || -n "$left" ]]; then
+    echo "demo check failed: $answers distinct answers (want 3); left behind:${left:- nothing}" >&2
+    exit 1
+fi
+echo "demo up, answered by 3 containers, and removed without a trace"
