@@ -68,7 +68,12 @@ registered() {
 wait_for 60 "3 whoami instances registered under $PILOTFISH_PREFIX" registered
 log "registrar: 3 whoami instances in etcd after $((SECONDS - up_start)) s"
 
-fetch() { "${compose[@]}" exec -T client wget -qO- -T 2 "http://127.0.0.1:$WHOAMI_PORT/" 2>/dev/null; }
+# nc, not wget: Debian's static busybox wget crashes (SIGSEGV) in these images.
+fetch() {
+    "${compose[@]}" exec -T client sh -c \
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 127.0.0.1 $WHOAMI_PORT" 2>/dev/null \
+        | grep '^Hostname:'
+}
 wait_for 60 "whoami through the discoverer on 127.0.0.1:$WHOAMI_PORT" fetch >/dev/null
 seen="$(for _ in $(seq 1 12); do fetch; done | sort -u)"
 printf '%s\n' "$seen" >&2

@@ -244,6 +244,6 @@ def test_seed_deployment_routes_a_whoami(
             logs,
         )
     # The discoverer's HAProxy runs as the image's user, not root.
-    ps = docker(deploy_stack, "top", disc, "-o", "uid,comm")
-    haproxy_uids = {line.split()[0] for line in ps.splitlines()[1:] if "haproxy" in line}
+    ps = docker(deploy_stack, "top", disc, "-o", "pid,uid,comm")
+    haproxy_uids = {line.split()[1] for line in ps.splitlines()[1:] if "haproxy" in line}
     assert haproxy_uids == {"10001"}, ps
