@@ -120,6 +120,7 @@ class System:
     etcd_host: str
     workdir: Path
     proc: asyncio.subprocess.Process | None = None
+    last_up: tuple[int, int] = (0, 0)
     admin_port: int = 0
     prefix: str = ""
     state_dir: Path = field(default_factory=Path)
@@ -291,6 +292,7 @@ async def _all_up(system: System, expected: int) -> bool:
     if not state:
         return False
     up = sum(1 for s in state if s.get("srv_op_state") == "2" and s.get("srv_admin_state") == "0")
+    system.last_up = (up, len(state))
     return up >= expected
 
 
@@ -314,7 +316,10 @@ async def sync(
     """(c): start with ``count`` instances already in etcd; time to all routable."""
     t0 = time.monotonic()
     await system.start(prefix)
-    await wait_for(lambda: _all_up(system, count), within=300, step=0.05)
+    try:
+        await wait_for(lambda: _all_up(system, count), within=60, step=0.05)
+    except TimeoutError:
+        raise TimeoutError(f"{system.name}: (up, listed) servers {system.last_up}, want {count}")
     for n in random.sample(range(services), 5):
         assert await request(base_port + n) is not None, f"svc{n} not answering"
     took = time.monotonic() - t0
