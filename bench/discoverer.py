@@ -319,7 +319,8 @@ async def sync(
     try:
         await wait_for(lambda: _all_up(system, count), within=60, step=0.05)
     except TimeoutError:
-        raise TimeoutError(f"{system.name}: (up, listed) servers {system.last_up}, want {count}")
+        up, listed = system.last_up
+        raise TimeoutError(f"{system.name}: {up} of {listed} servers up, want {count}") from None
     for n in random.sample(range(services), 5):
         assert await request(base_port + n) is not None, f"svc{n} not answering"
     took = time.monotonic() - t0

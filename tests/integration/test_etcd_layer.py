@@ -31,17 +31,18 @@ async def test_lists_a_prefix_larger_than_grpcs_default_message_cap(
 
 async def test_lease_keeper_replaces_an_expired_lease(etcd: EtcdServer, prefix: str) -> None:
     granted: list[int] = []
+    first = asyncio.Event()
 
     async def on_new_lease(lease_id: int) -> None:
         granted.append(lease_id)
         await client.put(f"{prefix}/k", b"v", lease=lease_id)
+        first.set()
 
     async with connect(etcd) as client:
         keeper = LeaseKeeper(client, ttl=2, on_new_lease=on_new_lease)
         task = asyncio.create_task(keeper.run())
         try:
-            while not granted:
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(first.wait(), 5)
             # Someone else revokes it (as expiry would): the keeper must notice
             # (a refresh of a dead lease answers TTL 0, it does not raise).
             await client.revoke(granted[0])
