@@ -9,9 +9,12 @@ HTTP servers in this process answering their name; requests go through the
 HAProxy consumer ports on new connections.
 
 (a) add:    put of a new instance → first request answered by it
-            (the service's only other server has weight 0, so routing is
-            deterministic: nothing answers until the new one is in).
-(b) remove: delete → first request no longer answered by it.
+            (the service's other server, "base", has weight 1 and each new
+            instance 256, so almost every request goes to the new one).
+(b) remove: delete → the first of 20 consecutive requests answered by
+            "base" instead. A live base server matters: with no usable server
+            left, HAProxy queues a request until a timeout, which would
+            measure the timeout.
 (c) sync:   N instances over M services already in etcd → start → all
             servers UP in ``show servers state`` + a few requests; RSS.
 (d) burst:  1,000 new instances put at once into existing services → time
@@ -247,11 +250,33 @@ async def poll_until(port: int, done: Callable[[str | None], bool], within: floa
         await asyncio.sleep(0.0005 if now - start < 0.05 else 0.005)
 
 
+async def poll_until_gone(port: int, name: str, within: float, streak: int = 20) -> float:
+    """Time of the first of ``streak`` consecutive answers not from ``name``.
+
+    One answer from "base" proves nothing (it gets 1 request in 257 while the
+    instance is still in); 20 in a row cannot happen while it is.
+    """
+    start = time.monotonic()
+    run_start, run = 0.0, 0
+    while run < streak:
+        answer = await request(port, within=1.0)
+        now = time.monotonic()
+        if answer is not None and answer != name:
+            run_start, run = (run_start, run + 1) if run else (now, 1)
+        else:
+            run = 0
+        if now - start > within:
+            raise TimeoutError("no convergence")
+        await asyncio.sleep(0.0005 if now - start < 0.05 else 0.005)
+    return run_start
+
+
 async def add_remove(
     system: System, w: Writer, samples: int, port: int
 ) -> tuple[list[float], list[float]]:
-    """(a) and (b): one service, a weight-0 placeholder, instances added and removed."""
-    placeholder = instance("latency", 0, free_port(), port, weight=0)
+    """(a) and (b): one service, a weight-1 base server, instances added and removed."""
+    base = await Upstream("base").start()
+    placeholder = instance("latency", 0, base.port, port, weight=1)
     await w.put(placeholder)
     await wait_for(lambda: _has_server(system, placeholder), within=30)
     adds, removes = [], []
@@ -261,7 +286,7 @@ async def add_remove(
     upstreams = [await Upstream(f"u{i}").start() for i in range(samples)]
     try:
         for i, upstream in enumerate(upstreams):
-            new = instance("latency", i + 1, upstream.port, port)
+            new = instance("latency", i + 1, upstream.port, port, weight=256)
             await asyncio.sleep(random.uniform(0, jitter))
             t0 = time.monotonic()
             await w.put(new)
@@ -269,14 +294,12 @@ async def add_remove(
             await asyncio.sleep(random.uniform(0, jitter))
             t0 = time.monotonic()
             await w.delete(new)
-            removes.append(
-                (await poll_until(port, lambda a, u=upstream: a != u.name, 30) - t0) * 1e3
-            )
+            removes.append((await poll_until_gone(port, upstream.name, 30) - t0) * 1e3)
             if system.name == "baseline" or (i + 1) % 50 == 0:
                 log(f"  {system.name}: {i + 1}/{samples} add {adds[-1]:.1f} ms "
                     f"remove {removes[-1]:.1f} ms")  # fmt: skip
     finally:
-        for upstream in upstreams:
+        for upstream in [*upstreams, base]:
             await upstream.stop()
     return adds, removes
 
