@@ -81,11 +81,22 @@ def require_binary(name: str) -> str:
     return path
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on ``host`` (the kernel picks it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free right now on ``host`` (the kernel picks it).
+
+    Never the same port twice in one process: the kernel may hand a just
+    released port out again, and a member's client and peer ports collided so.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def unique_prefix(name: str = "t") -> str:

@@ -127,14 +127,23 @@ class Etcd:
         except Exception:  # closing a broken channel must not mask the real error
             log.debug("etcd close failed", exc_info=True)
 
-    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+    async def _call(self, awaitable: Awaitable[Any], deadline: float | None = None) -> Any:
         self.request_count += 1
+        timeout = deadline or self.timeout
         try:
-            return await asyncio.wait_for(awaitable, self.timeout)
+            return await asyncio.wait_for(awaitable, timeout)
         except TimeoutError:
             raise aetcd.exceptions.ConnectionTimeoutError(
-                f"etcd did not answer within {self.timeout}s"
+                f"etcd did not answer within {timeout}s"
             ) from None
+
+    @property
+    def write_timeout(self) -> float:
+        # A put takes milliseconds; one sent to a leader that just died must be
+        # retried after the election (1-1.5 s measured), not after the full
+        # timeout (measured: a container started during an election was
+        # registered 5.3 s later with 5 s here). Writes are idempotent.
+        return min(self.timeout, 1.5)
 
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """All keys under ``prefix`` and the store revision they were read at."""
@@ -143,20 +152,22 @@ class Etcd:
         return result.header.revision, items
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
-        result = await self._call(self.client.put(key.encode(), value, lease=lease))
+        result = await self._call(
+            self.client.put(key.encode(), value, lease=lease), self.write_timeout
+        )
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
-        result = await self._call(self.client.delete(key.encode()))
+        result = await self._call(self.client.delete(key.encode()), self.write_timeout)
         return bool(result and result.deleted)
 
     async def grant(self, ttl: int) -> int:
-        lease = await self._call(self.client.lease(ttl))
+        lease = await self._call(self.client.lease(ttl), self.write_timeout)
         return int(lease.id)
 
     async def refresh(self, lease_id: int) -> int:
         """Keep a lease alive; the remaining TTL, 0 if the lease is gone."""
-        reply = await self._call(self.client.refresh_lease(lease_id))
+        reply = await self._call(self.client.refresh_lease(lease_id), self.write_timeout)
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke(self, lease_id: int) -> None:
