@@ -29,7 +29,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -63,7 +63,18 @@ _READ_LIMIT = 64 * 1024 * 1024
 _IDLE_RECONNECT_S = 60.0
 _SUPERVISE_EVERY_S = 0.05
 _RESYNC_EVERY_S = 1.0
-_POLL_S = 0.05
+_POLL_S = 0.05  # cap of the removal polls
+
+
+def _poll_delays() -> Iterator[float]:
+    """5 ms, 10 ms, 20 ms … up to _POLL_S: most drains end within milliseconds
+    (a command costs ~40 µs), a long one should not be polled hard."""
+    delay = 0.005
+    while True:
+        yield delay
+        delay = min(delay * 2, _POLL_S)
+
+
 _FRONTEND_RE = re.compile(r"^fe_([0-9]{1,5})_(.+)$")
 _NAME_RE = re.compile(NAME_PATTERN)
 # srv_admin_state flags (server-t.h): FMAINT|IMAINT|CMAINT|RMAINT|HMAINT, FDRAIN|IDRAIN.
@@ -567,10 +578,11 @@ class HaproxySink:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         started = loop.time()
+        delays = _poll_delays()
         try:
             # Polled: HAProxy has no event for "last connection of a server closed".
             while loop.time() < deadline and await self._sessions(backend, name) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(_POLL_S)
+                await asyncio.sleep(next(delays))
             async with self._lock:
                 await self._send([cmd.set_state(backend, name, "maint")])
             cut = False
@@ -586,7 +598,7 @@ class HaproxySink:
                         # Drain timeout: cut what is left (bounded removal).
                         await self._send([cmd.shutdown_sessions(backend, name)])
                         cut = True
-                await asyncio.sleep(_POLL_S)
+                await asyncio.sleep(next(delays))
             log.info("server removed", backend=backend, server=name, cut=cut,
                      seconds=round(loop.time() - started, 3))  # fmt: skip
         except asyncio.CancelledError:
