@@ -29,7 +29,7 @@ from agents.common.settings import CommonSettings
 from agents.discoverer.model import Catalog, build_catalog
 
 
-def render(catalog: Catalog, bind: str, state_dir: Path) -> str:
+def render(catalog: Catalog, bind: str, state_dir: Path, check_all: bool = False) -> str:
     """The full configuration, every server static (as the template tools do)."""
     lines = [
         "global",
@@ -54,8 +54,11 @@ def render(catalog: Catalog, bind: str, state_dir: Path) -> str:
         ]
         for server in sorted(service.servers.values(), key=lambda s: s.name):
             options = f" weight {server.weight}"
-            if server.check:
-                options += " check"
+            if server.check or check_all:
+                # --check-all: health-check every server, as the classic
+                # docker-discover deployments did; dead containers left in the
+                # config until their key expires are then taken out of rotation.
+                options += " check inter 1s fall 2 rise 1"
             if server.state == "draining":
                 options += " disabled"
             lines.append(f"    server {server.name} {server.address}:{server.port}{options}")
@@ -82,7 +85,7 @@ class Baseline:
             except SchemaError:
                 continue
         catalog, _ = build_catalog(instances)
-        config = render(catalog, self.args.bind_address, self.state_dir)
+        config = render(catalog, self.args.bind_address, self.state_dir, self.args.check_all)
         if config == self.last_config:
             return
         candidate = self.state_dir / "haproxy.cfg.new"
@@ -147,6 +150,7 @@ async def main() -> None:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--bind-address", default="127.0.0.1")
     parser.add_argument("--interval", type=float, default=5.0)
+    parser.add_argument("--check-all", action="store_true", help="health-check every server")
     parser.add_argument("--haproxy-binary", default="haproxy")
     args = parser.parse_args()
     stop = asyncio.Event()

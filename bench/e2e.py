@@ -243,6 +243,7 @@ def start_baseline(engine: Dockerd, etcd_host: str, root: Path) -> System:
     poller = Agent("baseline", [
         PYTHON, str(REPO / "bench" / "baseline.py"), "--etcd-host", etcd_host,
         "--prefix", prefix, "--state-dir", str(state), "--bind-address", "127.0.0.1",
+        "--check-all",
     ], root / "baseline.log", marker=str(state))  # fmt: skip
     for agent in (register, poller):
         agent.spawn()
