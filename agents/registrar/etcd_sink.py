@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd, EtcdError, LeaseKeeper, is_lease_not_found
 from agents.common.logging import OnceEvery, get_logger
-from agents.common.schema import Instance, instance_key, parse_key, services_prefix
-from agents.registrar.model import Plan, reconcile
+from agents.common.schema import Instance, instance_key, services_prefix
+from agents.registrar.model import Plan, owned_by, reconcile
 
 log = get_logger("pilotfish.sink")
 
@@ -170,7 +170,7 @@ class EtcdSink:
         found: dict[str, Instance | bytes | None] = {}
         for item in items:
             key = item.key.decode(errors="replace")
-            if self._owns(key):
+            if owned_by(self.prefix, key, self.host_id):
                 found[key] = item.value if item.lease == lease else None
         plan = reconcile(self.desired, found, self.prefix, self.host_id)
         # Keys that already hold the desired value on this lease need no
@@ -186,12 +186,6 @@ class EtcdSink:
             to_put=len(plan.puts),
             to_delete=len(plan.deletes),
         )
-
-    def _owns(self, key: str) -> bool:
-        try:
-            return parse_key(self.prefix, key)[1] == self.host_id
-        except ValueError:
-            return False
 
     async def _flush(self) -> None:
         """Write every pending key; a failure leaves the rest pending."""

@@ -535,7 +535,7 @@ def reconcile(
         for key, instance in desired.items()
         if not _holds(prefix, key, actual.get(key), instance)
     ]
-    deletes = [key for key in actual if key not in desired and _owned_by(prefix, key, host_id)]
+    deletes = [key for key in actual if key not in desired and owned_by(prefix, key, host_id)]
     return Plan(sorted(puts), sorted(deletes))
 
 
@@ -550,7 +550,8 @@ def _holds(prefix: str, key: str, value: Instance | bytes | None, wanted: Instan
     return value.same_registration(wanted)
 
 
-def _owned_by(prefix: str, key: str, host_id: str) -> bool:
+def owned_by(prefix: str, key: str, host_id: str) -> bool:
+    """Whether ``key`` is a registration written by ``host_id`` (ownership = host segment)."""
     try:
         return parse_key(prefix, key)[1] == host_id
     except SchemaError:
