@@ -88,6 +88,10 @@ class HaproxyError(RuntimeError):
     """HAProxy refused something, or is not there."""
 
 
+# What a CLI socket raises when HAProxy is gone, restarting or too slow.
+_CLI_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError)
+
+
 # -- the CLI sockets ----------------------------------------------------------------
 
 
@@ -115,7 +119,7 @@ class RuntimeClient:
         async with self._lock:
             try:
                 return await asyncio.wait_for(self._exchange(lines), self.timeout)
-            except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError):
+            except _CLI_ERRORS:
                 await self._drop()
                 raise
 
@@ -123,7 +127,7 @@ class RuntimeClient:
         """Like :meth:`execute`, for read-only commands: retried once on a fresh connection."""
         try:
             return await self.execute(lines)
-        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError):
+        except _CLI_ERRORS:
             return await self.execute(lines)
 
     async def _exchange(self, lines: Sequence[str]) -> list[str]:
@@ -210,7 +214,7 @@ class Master:
     async def answers(self) -> bool:
         try:
             await self.show_proc()
-        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError, HaproxyError):
+        except (*_CLI_ERRORS, HaproxyError):
             return False
         return True
 
@@ -239,8 +243,8 @@ class Master:
             raise HaproxyError(f"haproxy -c refused the config: {output.decode()[-2000:]}")
         os.replace(tmp, self.config)
 
-    async def launch(self) -> None:
-        """Start a new master (config already written) and wait for its worker."""
+    async def launch(self) -> ProcInfo:
+        """Start a new master (config already written); return once its worker is up."""
         with _open_log(self.logfile) as logfile:
             self.proc = await asyncio.create_subprocess_exec(
                 self.binary, "-W", "-S", f"{self.socket},mode,600", "-f", str(self.config),
@@ -257,10 +261,10 @@ class Master:
         while time.monotonic() < deadline:
             if self.proc.returncode is not None:
                 raise HaproxyError(f"HAProxy exited at start: {self._log_tail()}")
-            with contextlib.suppress(OSError, EOFError, asyncio.IncompleteReadError,
-                                     TimeoutError, HaproxyError):  # fmt: skip
-                if (await self.show_proc()).worker_pid is not None:
-                    return
+            with contextlib.suppress(*_CLI_ERRORS, HaproxyError):
+                proc = await self.show_proc()
+                if proc.worker_pid is not None:
+                    return proc
             await asyncio.sleep(0.01)
         raise HaproxyError(f"HAProxy did not start within 10 s: {self._log_tail()}")
 
@@ -281,7 +285,7 @@ class Master:
             await asyncio.sleep(0.005)
             try:
                 now = await self.show_proc()
-            except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError):
+            except _CLI_ERRORS:
                 continue
             if now.failed > before.failed:
                 raise HaproxyError(f"HAProxy reload failed: {self._log_tail()}")
@@ -562,7 +566,7 @@ class HaproxySink:
     async def _send(self, lines: list[str]) -> list[str]:
         try:
             answers = await self.admin.execute(lines)
-        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as error:
+        except _CLI_ERRORS as error:
             self._stale = True  # unknown how much of the batch was applied
             raise HaproxyError(f"HAProxy admin socket: {error!r}") from error
         self._count(lines)
@@ -719,9 +723,9 @@ class HaproxySink:
     async def _launch_locked(self) -> None:
         began = time.monotonic()
         await self.master.write_config(render_config(self._desired, self.options))
-        await self.master.launch()
+        proc = await self.master.launch()
         self._after_new_worker()
-        await self._read_new_worker((await self.master.show_proc()).worker_pid)
+        await self._read_new_worker(proc.worker_pid)
         self._last_reload = asyncio.get_running_loop().time()
         self._status.restarts += 1
         self.metrics.restarts.inc()
