@@ -131,7 +131,11 @@ class Etcd:
         self.request_count += 1
         timeout = deadline or self.timeout
         try:
-            return await asyncio.wait_for(awaitable, timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the
+            # result and drops a cancel that arrives as the call completes, so a
+            # stopping agent could hang on a task that never saw its cancel.
+            async with asyncio.timeout(timeout):
+                return await awaitable
         except TimeoutError:
             raise aetcd.exceptions.ConnectionTimeoutError(
                 f"etcd did not answer within {timeout}s"
@@ -203,7 +207,8 @@ class Etcd:
         finally:
             # The stream may already be dead; cancelling is best effort.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(watch.cancel(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await watch.cancel()
 
 
 class LeaseKeeper:
@@ -260,7 +265,8 @@ class LeaseKeeper:
             await self.acquire()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._next_wait())
+                async with asyncio.timeout(self._next_wait()):
+                    await self._lost.wait()
             if self._lost.is_set():
                 log.warning("lease lost, granting a new one", lease=hex(self.lease_id or 0))
                 await self.acquire()

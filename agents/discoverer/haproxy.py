@@ -118,7 +118,8 @@ class RuntimeClient:
             cmd.validate_command(line)
         async with self._lock:
             try:
-                return await asyncio.wait_for(self._exchange(lines), self.timeout)
+                async with asyncio.timeout(self.timeout):  # not wait_for: see Etcd._call
+                    return await self._exchange(lines)
             except _CLI_ERRORS:
                 await self._drop()
                 raise
@@ -278,7 +279,8 @@ class Master:
         writer.write(b"reload\n")
         await writer.drain()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(reader.read(), 2.0)
+            async with asyncio.timeout(2.0):
+                await reader.read()
         writer.close()
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
