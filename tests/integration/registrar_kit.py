@@ -228,7 +228,7 @@ async def http_get(address: str, path: str = "/") -> tuple[int, str]:
     return int(head.split()[1]), body
 
 
-# --- fixtures (imported by the registrar test modules) --------------------------------
+# --- fixtures (registered for this folder by conftest.py) ------------------------------
 # They adapt the stack's session fixtures (tests/conftest.py) to what these tests use.
 
 

@@ -1,5 +1,4 @@
 """Two registrars (two host ids) share a prefix and never touch each other's keys."""
-# ruff: noqa: F811  (pytest fixtures are imported from registrar_kit, then requested by name)
 
 from __future__ import annotations
 
@@ -7,17 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from registrar_kit import (  # noqa: F401  (fixtures)
+from registrar_kit import (
     DockerCli,
     EtcdView,
-    docker,
-    etcd_endpoint,
     eventually,
-    reg_prefix,
     registrar,
     settings_for,
-    view,
-    whoami,
 )
 
 from agents.common.schema import Instance, instance_key

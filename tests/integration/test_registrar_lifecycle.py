@@ -1,21 +1,14 @@
 """A container's life as etcd sees it: drain before delete, pause, destroy, health."""
-# ruff: noqa: F811  (pytest fixtures are imported from registrar_kit, then requested by name)
 
 from __future__ import annotations
 
 import pytest
-from registrar_kit import (  # noqa: F401  (fixtures)
+from registrar_kit import (
     DockerCli,
     EtcdView,
-    docker,
-    etcd_endpoint,
     eventually,
-    reg_prefix,
     registrar,
     settings_for,
-    view,
-    whoami,
-    whoami_health,
 )
 
 pytestmark = pytest.mark.integration

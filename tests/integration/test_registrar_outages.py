@@ -1,5 +1,4 @@
 """Peers going away under the registrar: etcd (one node, a cluster member), dockerd."""
-# ruff: noqa: F811  (pytest fixtures are imported from registrar_kit, then requested by name)
 
 from __future__ import annotations
 
@@ -9,19 +8,14 @@ import signal
 from typing import Any
 
 import pytest
-from registrar_kit import (  # noqa: F401  (fixtures)
+from registrar_kit import (
     DockerCli,
     EtcdView,
     call,
-    docker,
-    etcd_endpoint,
     eventually,
-    reg_prefix,
     registrar,
     settings_for,
     unique,
-    view,
-    whoami,
 )
 
 pytestmark = pytest.mark.integration

@@ -1,5 +1,4 @@
 """What gets registered, and how: ports, names, metadata, filters, the admin endpoint."""
-# ruff: noqa: F811  (pytest fixtures are imported from registrar_kit, then requested by name)
 
 from __future__ import annotations
 
@@ -7,18 +6,13 @@ import json
 
 import pytest
 import structlog
-from registrar_kit import (  # noqa: F401  (fixtures)
+from registrar_kit import (
     DockerCli,
     EtcdView,
-    docker,
-    etcd_endpoint,
     eventually,
     http_get,
-    reg_prefix,
     registrar,
     settings_for,
-    view,
-    whoami,
 )
 
 pytestmark = pytest.mark.integration

@@ -1,5 +1,4 @@
 """The registrar's own life: restart, kill -9, SIGTERM, --deregister-on-exit."""
-# ruff: noqa: F811  (pytest fixtures are imported from registrar_kit, then requested by name)
 
 from __future__ import annotations
 
@@ -8,19 +7,14 @@ import signal
 import time
 
 import pytest
-from registrar_kit import (  # noqa: F401  (fixtures)
+from registrar_kit import (
     DockerCli,
     EtcdView,
-    docker,
-    etcd_endpoint,
     eventually,
     http_get,
-    reg_prefix,
     registrar,
     registrar_process,
     settings_for,
-    view,
-    whoami,
 )
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,14 @@
+"""Fixtures of the registrar integration tests (defined in registrar_kit).
+
+Imported here, once, so pytest offers them to every module of this folder
+by name; the test modules import only the helpers they call.
+"""
+
+from registrar_kit import (  # noqa: F401  (fixtures, registered by being imported here)
+    docker,
+    etcd_endpoint,
+    reg_prefix,
+    view,
+    whoami,
+    whoami_health,
+)
