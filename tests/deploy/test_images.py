@@ -101,6 +101,27 @@ def test_image_metadata(deploy_stack: dict[str, str], image: str, command: str) 
     assert out == ""
 
 
+def test_the_two_images_share_all_but_haproxy(deploy_stack: dict[str, str]) -> None:
+    """Built in one engine, the registrar's layers are the start of the discoverer's.
+
+    A host running both agents then stores (and pulls) Python and the venv once.
+    """
+    registrar = json.loads(
+        docker(deploy_stack, "image", "inspect", deploy_stack["PF_REGISTRAR_IMAGE"])
+    )[0]
+    discoverer = json.loads(
+        docker(deploy_stack, "image", "inspect", deploy_stack["PF_DISCOVERER_IMAGE"])
+    )[0]
+    shared = registrar["RootFS"]["Layers"]
+    assert discoverer["RootFS"]["Layers"][: len(shared)] == shared
+    extra_mb = (discoverer["Size"] - registrar["Size"]) / 1e6
+    print(
+        f"both images on one host: {discoverer['Size'] / 1e6:.0f} MB "
+        f"(the discoverer adds {extra_mb:.1f} MB to the registrar's layers)"
+    )
+    assert extra_mb < 15  # HAProxy and its libraries, nothing else
+
+
 @pytest.mark.parametrize("image, command", [("REGISTRAR", "register"), ("DISCOVERER", "discover")])
 def test_cli_help(deploy_stack: dict[str, str], image: str, command: str) -> None:
     name = deploy_stack[f"PF_{image}_IMAGE"]
