@@ -43,6 +43,7 @@ test-deploy: deps venv
 	deploy/verify-systemd.sh
 	deploy/ci-images.sh
 	deploy/ci-compose.sh
+	deploy/ci-compose-split.sh
 
 unit: venv
 	$(BIN)/pytest -ra tests/unit

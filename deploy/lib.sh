@@ -39,44 +39,59 @@ need_packages() {  # need_packages CMD=PKG ...: apt-get install what is missing
 }
 
 # Start a private dockerd unless DOCKER_HOST names one; exports DOCKER_HOST.
-dockerd_up() {
+dockerd_up() {  # the engine everything runs on: $DOCKER_HOST if set, else a private one
     if [[ -n "${DOCKER_HOST:-}" ]]; then
         docker version --format '{{.Server.Version}}' >/dev/null
         return
     fi
+    DOCKER_HOST="$(engine_up docker "$PF_BRIDGE" "$PF_BRIDGE_CIDR" "$PF_HOST_IP")"
+    export DOCKER_HOST
+}
+
+dockerd_down() { engine_down docker; }
+
+# engine_up NAME BRIDGE CIDR PUBLISH_IP: a private dockerd (vfs) in
+# $PF_DEPLOY_DIR/NAME with its own bridge, publishing on PUBLISH_IP; prints
+# its DOCKER_HOST. Reused if already running.
+engine_up() {
+    local name=$1 bridge=$2 cidr=$3 publish_ip=$4
     need_packages dockerd=docker.io docker=docker.io
-    local d="$PF_DEPLOY_DIR/docker"
+    local d="$PF_DEPLOY_DIR/$name"
+    local url="unix://$d/docker.sock"
     mkdir -p "$d"
-    export DOCKER_HOST="unix://$d/docker.sock"
     if [[ -f "$d/docker.pid" ]] && kill -0 "$(cat "$d/docker.pid")" 2>/dev/null \
-        && docker version >/dev/null 2>&1; then
+        && DOCKER_HOST="$url" docker version >/dev/null 2>&1; then
+        echo "$url"
         return
     fi
-    if ! ip link show "$PF_BRIDGE" >/dev/null 2>&1; then
-        ip link add "$PF_BRIDGE" type bridge
-        ip addr add "$PF_BRIDGE_CIDR" dev "$PF_BRIDGE"
+    if ! ip link show "$bridge" >/dev/null 2>&1; then
+        ip link add "$bridge" type bridge
+        ip addr add "$cidr" dev "$bridge"
     fi
-    ip link set "$PF_BRIDGE" up
-    log "starting dockerd on $DOCKER_HOST (vfs, bridge $PF_BRIDGE)"
+    ip link set "$bridge" up
+    log "starting dockerd on $url (vfs, bridge $bridge, publishing on $publish_ip)"
     # --iptables=false: no rules in the machine's tables (other engines may
     # run here); published ports go through docker-proxy, and builds use
     # --network host to reach the package mirrors.
     setsid dockerd --storage-driver=vfs --data-root "$d/data" --exec-root "$d/exec" \
-        -H "$DOCKER_HOST" --pidfile "$d/docker.pid" --bridge="$PF_BRIDGE" \
-        --iptables=false --ip-masq=false --ip="$PF_HOST_IP" \
-        --containerd-namespace pilotfish-deploy --containerd-plugins-namespace pilotfish-deploy-plugins \
+        -H "$url" --pidfile "$d/docker.pid" --bridge="$bridge" \
+        --iptables=false --ip-masq=false --ip="$publish_ip" \
+        --containerd-namespace "pilotfish-$name" --containerd-plugins-namespace "pilotfish-$name-plugins" \
         >"$d/dockerd.log" 2>&1 </dev/null &
     local i
     for i in $(seq 1 120); do
-        docker version >/dev/null 2>&1 && return
+        if DOCKER_HOST="$url" docker version >/dev/null 2>&1; then
+            echo "$url"
+            return
+        fi
         sleep 0.5
     done
     tail -20 "$d/dockerd.log" >&2
     return 1
 }
 
-dockerd_down() {
-    local d="$PF_DEPLOY_DIR/docker"
+engine_down() {  # engine_down NAME
+    local d="$PF_DEPLOY_DIR/$1"
     [[ -f "$d/docker.pid" ]] || return 0
     local pid
     pid="$(cat "$d/docker.pid")"
