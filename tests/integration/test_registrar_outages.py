@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from registrar_kit import (
     EtcdView,
     call,
     eventually,
+    http_get,
     registrar,
     settings_for,
     unique,
@@ -98,6 +101,52 @@ async def test_dockerd_restart_reconnects_resyncs_and_registers_new_containers(
         await eventually(lambda: _gone_or_running(docker, view, cid), within=20)
         after = await docker.run(whoami)
         await eventually(lambda: view.of_container(after), within=10)
+
+
+async def test_hung_dockerd_is_reported_and_events_flow_again_after_it(
+    dockerd: Any,
+    docker: DockerCli,
+    etcd_endpoint: str,
+    reg_prefix: str,
+    view: EtcdView,
+    whoami: str,
+) -> None:
+    """A frozen dockerd keeps the event stream open with nothing on it.
+
+    Only the /_ping deadline tells it from a quiet host: the registrar must
+    report it (so a supervisor can act), keep the registrations of containers
+    that still run, and handle events again once dockerd answers.
+    """
+    settings = settings_for(docker, etcd_endpoint, reg_prefix)
+    async with registrar(settings):
+        cid = await docker.run(whoami)
+        await eventually(lambda: view.of_container(cid))
+        await eventually(lambda: _healthz(settings.admin_address, 200))
+        dockerd.kill(signal.SIGSTOP)
+        try:
+            # /_ping every 5 s, each with a 5 s deadline.
+            health = await eventually(
+                lambda: _healthz(settings.admin_address, 503), within=15, step=0.25
+            )
+            assert health["docker"]["error"] == "_ping: TimeoutError"
+            assert await view.of_container(cid)
+        finally:
+            dockerd.kill(signal.SIGCONT)
+        await eventually(lambda: _healthz(settings.admin_address, 200), within=15, step=0.1)
+        after = await docker.run(whoami)
+        await eventually(lambda: view.of_container(after), within=10)
+        await docker("rm", "-f", cid)
+        await eventually(lambda: _not(view.of_container(cid)), within=10)
+
+
+async def _healthz(address: str, status: int) -> dict[str, Any] | None:
+    code, body = await http_get(address, "/healthz")
+    health: dict[str, Any] = json.loads(body)
+    return health if code == status else None
+
+
+async def _not(result: Awaitable[Any]) -> bool:
+    return not await result
 
 
 async def _gone_or_running(docker: DockerCli, view: EtcdView, cid: str) -> bool:
