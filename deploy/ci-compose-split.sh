@@ -19,13 +19,7 @@ dockerd_up
 DEV_DOCKER_HOST="$DOCKER_HOST"
 "$PF_REPO/deploy/build-images.sh"
 whoami_image
-ETCD_IMAGE="${ETCD_IMAGE:-pilotfish-etcd:bookworm}"
-docker image inspect "$ETCD_IMAGE" >/dev/null 2>&1 || {
-    log "docker build -f compose/etcd.Dockerfile -t $ETCD_IMAGE"
-    docker build --network host -f "$PF_REPO/compose/etcd.Dockerfile" -t "$ETCD_IMAGE" \
-        --build-arg BASE_IMAGE="$PF_BASE_IMAGE" "$PF_REPO/compose" >"$PF_DEPLOY_DIR/build-etcd.log" 2>&1 \
-        || { tail -30 "$PF_DEPLOY_DIR/build-etcd.log" >&2; exit 1; }
-}
+etcd_image
 
 TEST_HOST_IP=127.0.232.1
 TEST_DOCKER_HOST="$(engine_up docker-test pfdeploy1 10.232.0.1/24 "$TEST_HOST_IP")"
@@ -34,7 +28,6 @@ docker save "$PF_REGISTRAR_IMAGE" "$PF_DISCOVERER_IMAGE" "$PF_WHOAMI_IMAGE" \
     | DOCKER_HOST="$TEST_DOCKER_HOST" docker load >/dev/null
 log "images loaded into the test engine in $((SECONDS - load_start)) s"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 export ETCD_IMAGE WHOAMI_IMAGE="$PF_WHOAMI_IMAGE"
 export PILOTFISH_REGISTRAR_IMAGE="$PF_REGISTRAR_IMAGE" PILOTFISH_DISCOVERER_IMAGE="$PF_DISCOVERER_IMAGE"
 ETCD_PUBLISH="127.0.0.1:$(free_port)"
@@ -76,14 +69,6 @@ up_start=$SECONDS
 "${test[@]}" up -d >&2
 log "three projects up in $((SECONDS - up_start)) s"
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local deadline=$((SECONDS + $1)) what=$2
-    shift 2
-    until "$@"; do
-        ((SECONDS < deadline)) || { log "timed out: $what"; return 1; }
-        sleep 1
-    done
-}
 addresses() {  # addresses PREFIX: the whoami instances' addresses under PREFIX
     ETCDCTL_API=3 etcdctl --endpoints "$ETCD_PUBLISH" get --prefix --print-value-only \
         "$1/services/whoami/" 2>/dev/null | python3 -c '

@@ -14,16 +14,9 @@ start=$SECONDS
 dockerd_up
 "$PF_REPO/deploy/build-images.sh"
 whoami_image
-ETCD_IMAGE="${ETCD_IMAGE:-pilotfish-etcd:bookworm}"
-if ! docker image inspect "$ETCD_IMAGE" >/dev/null 2>&1; then
-    log "docker build -f compose/etcd.Dockerfile -t $ETCD_IMAGE"
-    docker build --network host -f "$PF_REPO/compose/etcd.Dockerfile" -t "$ETCD_IMAGE" \
-        --build-arg BASE_IMAGE="$PF_BASE_IMAGE" "$PF_REPO/compose" >"$PF_DEPLOY_DIR/build-etcd.log" 2>&1 \
-        || { tail -30 "$PF_DEPLOY_DIR/build-etcd.log" >&2; exit 1; }
-fi
+etcd_image
 log "images ready after $((SECONDS - start)) s"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 export ETCD_IMAGE HOST_IP="$PF_HOST_IP" DOCKER_SOCKET="${DOCKER_HOST#unix://}"
 export PILOTFISH_REGISTRAR_IMAGE="$PF_REGISTRAR_IMAGE" PILOTFISH_DISCOVERER_IMAGE="$PF_DISCOVERER_IMAGE"
 export WHOAMI_IMAGE="$PF_WHOAMI_IMAGE" PILOTFISH_PREFIX="/demo-$$"
@@ -53,14 +46,6 @@ up_start=$SECONDS
 "${compose[@]}" up -d >&2
 log "compose up in $((SECONDS - up_start)) s"
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local deadline=$((SECONDS + $1)) what=$2
-    shift 2
-    until "$@"; do
-        ((SECONDS < deadline)) || { log "timed out: $what"; return 1; }
-        sleep 1
-    done
-}
 registered() {
     [[ "$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD_PUBLISH" get --prefix --keys-only \
         "$PILOTFISH_PREFIX/services/whoami/" 2>/dev/null | grep -c .)" == 3 ]]

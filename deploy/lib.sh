@@ -158,6 +158,28 @@ pip_build_args() {
     return 0
 }
 
+# The etcd image of the compose files, built from Debian's etcd-server when
+# missing (no registry here); sets ETCD_IMAGE.
+etcd_image() {
+    ETCD_IMAGE="${ETCD_IMAGE:-pilotfish-etcd:bookworm}"
+    docker image inspect "$ETCD_IMAGE" >/dev/null 2>&1 && return
+    log "docker build -f compose/etcd.Dockerfile -t $ETCD_IMAGE"
+    docker build --network host -f "$PF_REPO/compose/etcd.Dockerfile" -t "$ETCD_IMAGE" \
+        --build-arg BASE_IMAGE="$PF_BASE_IMAGE" "$PF_REPO/compose" >"$PF_DEPLOY_DIR/build-etcd.log" 2>&1 \
+        || { tail -30 "$PF_DEPLOY_DIR/build-etcd.log" >&2; return 1; }
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: until COMMAND succeeds
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@"; do
+        ((SECONDS < deadline)) || { log "timed out: $what"; return 1; }
+        sleep 1
+    done
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 # A busybox "whoami": answers every GET with its hostname (the container id).
 whoami_image() {
     docker image inspect "$PF_WHOAMI_IMAGE" >/dev/null 2>&1 && return
