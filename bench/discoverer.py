@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/discoverer.py [--instances 200] [--baseline-samples 15]
         [--sync-instances 10000 --sync-services 1000] [--burst 1000]
+        [--scale-samples 200 --baseline-scale-samples 5]
 
 Both systems run as their own processes with their own HAProxy, one after the
 other, against one etcd started here (tests/stack.py). Upstreams are asyncio
@@ -19,6 +20,9 @@ HAProxy consumer ports on new connections.
             servers UP in ``show servers state`` + a few requests; RSS.
 (d) burst:  1,000 new instances put at once into existing services → time
             until HAProxy has them all; reloads during the burst.
+(e) at scale: (a) and (b) again with the (c) instances in the same prefix
+            (10,000 servers in HAProxy), so every change is processed
+            against the whole catalog.
 
 The baseline polls every 5 s, so each of its add/remove samples costs up to
 5 s: it gets ``--baseline-samples`` of them (the discoverer gets all).
@@ -443,6 +447,35 @@ async def run_system(
             log(f"{name}: burst {took:.3f} s, {reloads} reloads")
         finally:
             await system.stop()
+    result.update(await at_scale(system, etcd_host, args, upstream_ports, sync_base))
+    return result
+
+
+async def at_scale(
+    system: System, etcd_host: str, args: argparse.Namespace, upstream_ports: list[int],
+    sync_base: int,
+) -> dict[str, Any]:  # fmt: skip
+    """(e): (a)/(b) with the (c) instances in the same prefix."""
+    samples = args.scale_samples if system.name == "pilotfish" else args.baseline_scale_samples
+    if not samples:
+        return {}
+    prefix = f"/bench-scale-{system.name}-{os.getpid()}"
+    async with Etcd(CommonSettings(etcd_host=etcd_host, prefix=prefix)) as etcd:
+        w = Writer(etcd, prefix)
+        preload = sync_instances(args.sync_instances, args.sync_services, upstream_ports, sync_base)
+        await w.put_many(preload)
+        await system.start(prefix)
+        try:
+            await wait_for(lambda: _all_up(system, len(preload)), within=60, step=0.05)
+            log(f"{system.name}: (e) {samples} add/remove samples over {len(preload)} servers")
+            adds, removes = await add_remove(system, w, samples, free_port_block(1))
+        finally:
+            await system.stop()
+    result = {
+        "scale_add_ms": {"p50": pct(adds, 0.5), "p99": pct(adds, 0.99), "n": len(adds)},
+        "scale_remove_ms": {"p50": pct(removes, 0.5), "p99": pct(removes, 0.99), "n": len(removes)},
+    }
+    log(f"{system.name}: at scale: add {result['scale_add_ms']} remove {result['scale_remove_ms']}")
     return result
 
 
@@ -456,6 +489,10 @@ async def main() -> None:
     parser.add_argument("--sync-services", type=int, default=1_000)
     parser.add_argument("--burst", type=int, default=1_000)
     parser.add_argument("--upstreams", type=int, default=50, help="real ports behind (c) and (d)")
+    parser.add_argument("--scale-samples", type=int, default=200, help="(e) samples, pilotfish")
+    parser.add_argument(
+        "--baseline-scale-samples", type=int, default=5, help="(e) samples, baseline"
+    )
     parser.add_argument("--etcd", help="use this etcd host:port instead of starting one")
     parser.add_argument("--systems", default="pilotfish,baseline", help="which to run, in order")
     args = parser.parse_args()
@@ -504,6 +541,10 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, took: f
         ("HAProxy RSS (MiB)", "haproxy_rss_mib", None),
         (f"burst {args.burst} (s)", "burst_s", None),
         ("burst reloads", "burst_reloads", None),
+        (f"add p50 @{args.sync_instances} (ms)", "scale_add_ms", "p50"),
+        (f"add p99 @{args.sync_instances} (ms)", "scale_add_ms", "p99"),
+        (f"remove p50 @{args.sync_instances} (ms)", "scale_remove_ms", "p50"),
+        (f"remove p99 @{args.sync_instances} (ms)", "scale_remove_ms", "p99"),
     ]
     print(f"\n{'':22} {'pilotfish':>12} {'baseline':>12} {'baseline/pilotfish':>20}")
     for label, key, sub in rows:
@@ -516,7 +557,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, took: f
         print(f"{label:22} {a!s:>12} {b!s:>12} {ratio:>20}")
     print(
         f"(add/remove samples: pilotfish {get(ours, 'add_ms', 'n')}, baseline "
-        f"{get(base, 'add_ms', 'n')}; whole run {took:.0f} s)"
+        f"{get(base, 'add_ms', 'n')}; at scale {get(ours, 'scale_add_ms', 'n')} and "
+        f"{get(base, 'scale_add_ms', 'n')}; whole run {took:.0f} s)"
     )
 
     def keys(r: dict[str, Any]) -> dict[str, Any]:
@@ -528,6 +570,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, took: f
             "burst_reloads": r.get("burst_reloads"),
             "agent_rss_mib": r.get("agent_rss_mib"),
             "haproxy_rss_mib": r.get("haproxy_rss_mib"),
+            "scale_add_ms": {k: get(r, "scale_add_ms", k) for k in ("p50", "p99")},
+            "scale_remove_ms": {k: get(r, "scale_remove_ms", k) for k in ("p50", "p99")},
         }
 
     print(json.dumps({**keys(ours), "baseline": keys(base)}))

@@ -1,7 +1,8 @@
 """``pilotfish discover``: etcd source → catalog → HAProxy sink, supervised.
 
 One loop: each snapshot from the source goes through the empty-prefix guard
-and ``build_catalog`` and is applied to HAProxy. HAProxy is started with the
+and the catalog builder (only the services that changed are rebuilt) and is
+applied to HAProxy. HAProxy is started with the
 first real catalog (the initial list), never with an empty guess, so a
 discoverer that cannot reach etcd at boot does not wipe an HAProxy that is
 still serving. SIGTERM leaves HAProxy serving unless told otherwise.
@@ -25,7 +26,7 @@ from agents.common.logging import OnceEvery, get_logger
 from agents.common.settings import DiscovererSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.discoverer.guard import EmptyPrefixGuard
-from agents.discoverer.model import Catalog, Conflict, build_catalog
+from agents.discoverer.model import Catalog, CatalogBuilder, Conflict
 from agents.discoverer.source import EtcdSource, Snapshot
 
 log = get_logger("pilotfish.discoverer")
@@ -79,6 +80,7 @@ class Discoverer:
         self.source = source
         self.sink = sink
         self.guard = EmptyPrefixGuard()
+        self.builder = CatalogBuilder(settings.service_filter)
         self.started = False
         self.catalog: Catalog = {}
         self.served = 0
@@ -126,7 +128,7 @@ class Discoverer:
     async def _handle(self, snapshot: Snapshot) -> None:
         instances = self.guard.filter(snapshot.instances, snapshot.empty_cause)
         EMPTY_PREFIX_ALARM.set(1 if self.guard.alarm else 0)
-        catalog, conflicts = build_catalog(instances.values(), self.settings.service_filter)
+        catalog, conflicts = self.builder.build(instances)
         self._log_conflicts(conflicts)
         await self._apply_until_done(catalog)
         self.catalog = catalog

@@ -422,6 +422,10 @@ class HaproxySink:
         self.admin = RuntimeClient(self.dir / "admin.sock", _ADMIN_PROMPT)
         self._desired: Catalog = {}
         self._view: Catalog = {}
+        # The desired catalog the view matched after the last clean sync: the
+        # next sync only compares the services whose entry changed since (the
+        # catalog builder keeps unchanged services as the same objects).
+        self._applied: Catalog | None = None
         self._stale = True
         self._lock = asyncio.Lock()
         self._removals: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -526,16 +530,20 @@ class HaproxySink:
             if wanted is not None and key[1] in wanted.servers:
                 task.cancel()  # it came back: the diff turns it up again
                 self._removals.pop(key, None)
-        plan = diff(self._view, self._desired)
+        applied, self._applied = self._applied, None  # unknown until this sync succeeds
+        plan = diff(self._view, self._desired, _changed(applied, self._desired))
         await self._execute(plan)
         if plan.reload:
             self._request_reload(plan)
+        if not self._stale:
+            self._applied = self._desired
 
     async def _read_state(self) -> None:
         reads = ["show stat", "show servers state", "show info"]
         stat, servers, info = await self.admin.read(reads)
         self._count(reads)
         self._view = parse_state(stat, servers)
+        self._applied = None  # the view was read back: compare all of it
         pid = re.search(r"^Pid: (\d+)$", info, re.M)
         self._worker_pid = int(pid[1]) if pid else None
         self._stale = False
@@ -760,6 +768,13 @@ def _commands(action: Action) -> list[str]:
         return [cmd.set_state(be, action.name, "ready")]
     # SetDrain, and the first step of RemoveServer: no new connections at once.
     return [cmd.set_state(be, action.name, "drain")]
+
+
+def _changed(applied: Catalog | None, desired: Catalog) -> set[str] | None:
+    """Services whose entry is not the one the view was synced to (None: all)."""
+    if applied is None:
+        return None
+    return {n for n in applied.keys() | desired.keys() if applied.get(n) is not desired.get(n)}
 
 
 def _update_view(view: Catalog, action: Action) -> None:

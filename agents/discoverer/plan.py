@@ -16,6 +16,7 @@ so ports do not stay bound forever.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from agents.discoverer.model import Catalog, Server, Service
@@ -87,9 +88,19 @@ class Plan:
         return not self.reload and not self.actions
 
 
-def diff(current: Catalog, desired: Catalog) -> Plan:
+def diff(current: Catalog, desired: Catalog, only: Collection[str] | None = None) -> Plan:
+    """What turns ``current`` into ``desired``.
+
+    ``only``: the services that may differ; the caller knows the others match
+    (the HAProxy side, after a clean sync, passes the services whose catalog
+    entry changed). None compares everything.
+    """
     actions: list[Action] = []
     reasons: list[str] = []
+    if only is not None:
+        names = sorted(only)
+        current = {n: current[n] for n in names if n in current}
+        desired = {n: desired[n] for n in names if n in desired}
     for name, service in current.items():
         wanted = desired.get(name)
         if wanted is None:

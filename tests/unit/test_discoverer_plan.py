@@ -129,3 +129,15 @@ def test_parse_show_proc() -> None:
 """
     info = parse_show_proc(text)
     assert (info.master_pid, info.reloads, info.failed, info.worker_pid) == (11805, 1, 0, 11853)
+
+
+def test_diff_restricted_to_changed_services_ignores_the_rest() -> None:
+    current = cat(svc("web", srv("a")), svc("api", srv("x"), port=9000), svc("old", port=9100))
+    desired = cat(svc("web", srv("a"), srv("b")), svc("api", port=9000), svc("new", port=9200))
+    full = diff(current, desired)
+    assert diff(current, desired, only={"web", "api", "old", "new"}) == full
+    only_web = diff(current, desired, only={"web"})
+    assert only_web.actions == (AddServer("web", srv("b")),) and not only_web.reload
+    gone = diff(current, desired, only={"old", "missing"})
+    assert gone.reload and gone.actions == ()
+    assert diff(current, desired, only=set()).empty
