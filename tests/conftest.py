@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.stack import (
     copy_image,
     make_base_dir,
     make_test_images,
+    require_binary,
     unique_prefix,
 )
 
@@ -136,6 +138,26 @@ def etcd_cluster(stack_dir: Path) -> Iterator[EtcdCluster]:
     with EtcdCluster(stack_dir, size=3) as cluster:
         _started.append(cluster)
         yield cluster
+
+
+ETCD_USER, ETCD_PASSWORD = "root", "pilotfish-test"
+
+
+@pytest.fixture
+def auth_etcd(stack_dir: Path) -> Iterator[Etcd]:
+    """A single-node etcd with authentication on (ETCD_USER), forgetting a token
+    after 1 s unused (etcd's default is 300 s; a restart forgets them all)."""
+    name = f"auth{uuid.uuid4().hex[:6]}"
+    with Etcd(stack_dir, name, extra_args=["--auth-token-ttl=1"]) as server:
+        for args in (["user", "add", f"{ETCD_USER}:{ETCD_PASSWORD}"], ["auth", "enable"]):
+            subprocess.run(
+                [require_binary("etcdctl"), f"--endpoints={server.endpoint}", *args],
+                env={**os.environ, "ETCDCTL_API": "3"},
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+        yield server
 
 
 @pytest.fixture

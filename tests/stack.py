@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -702,8 +702,10 @@ class Etcd(_Server):
         peer_port: int | None = None,
         initial_cluster: str | None = None,
         ready_timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.extra_args = list(extra_args)
         self.dir = Path(base_dir) / name
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -741,6 +743,7 @@ class Etcd(_Server):
             f"--initial-cluster={self.initial_cluster}",
             "--initial-cluster-state=new",  # ignored once the data dir exists
             f"--initial-cluster-token={token}",
+            *self.extra_args,
         ]
 
     def spawn(self) -> None:

@@ -107,12 +107,14 @@ class Etcd:
         self.client = aetcd.Client(
             host=host,
             port=port,
-            username=settings.etcd_username,
-            password=settings.etcd_password,
+            # No credentials here: aetcd would authenticate inside connect(),
+            # which then fails while etcd is down; _call authenticates lazily.
             timeout=None,  # per call, below: the watch stream must not time out
             options=dict(GRPC_OPTIONS),
         )
         self.request_count = 0  # every RPC this process made (for benchmarks)
+        self.username, self.password = settings.etcd_username, settings.etcd_password
+        self._auth_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Etcd:
         await self.client.connect()
@@ -127,19 +129,50 @@ class Etcd:
         except Exception:  # closing a broken channel must not mask the real error
             log.debug("etcd close failed", exc_info=True)
 
-    async def _call(self, awaitable: Awaitable[Any], deadline: float | None = None) -> Any:
-        self.request_count += 1
+    async def _call(self, call: Callable[[], Awaitable[Any]], deadline: float | None = None) -> Any:
+        """``call()`` within ``deadline``; once more after renewing a rejected auth token."""
         timeout = deadline or self.timeout
-        try:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the
-            # result and drops a cancel that arrives as the call completes, so a
-            # stopping agent could hang on a task that never saw its cancel.
-            async with asyncio.timeout(timeout):
-                return await awaitable
-        except TimeoutError:
-            raise aetcd.exceptions.ConnectionTimeoutError(
-                f"etcd did not answer within {timeout}s"
-            ) from None
+        for attempt in (1, 2):
+            self.request_count += 1
+            if self.username is not None and self.client.metadata is None:
+                await self._authenticate(None, timeout)
+            token = self.client.metadata
+            try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the
+                # result and drops a cancel that arrives as the call completes, so a
+                # stopping agent could hang on a task that never saw its cancel.
+                async with asyncio.timeout(timeout):
+                    return await call()
+            except TimeoutError:
+                raise aetcd.exceptions.ConnectionTimeoutError(
+                    f"etcd did not answer within {timeout}s"
+                ) from None
+            except aetcd.exceptions.UnauthenticatedError:
+                if attempt == 2 or self.username is None:
+                    raise
+                await self._authenticate(token, timeout)
+        raise AssertionError("unreachable")
+
+    async def _authenticate(self, rejected: object, within: float) -> None:
+        """A new auth token. etcd forgets tokens when it restarts and after
+        ``--auth-token-ttl`` (300 s) unused; aetcd only authenticates on connect."""
+        async with self._auth_lock:
+            if self.client.metadata is not rejected:
+                return  # another call renewed it meanwhile
+            request = aetcd.rpc.AuthenticateRequest(name=self.username, password=self.password)
+            try:
+                async with asyncio.timeout(within):
+                    reply = await aetcd.rpc.AuthStub(self.client.channel).Authenticate(request)
+            except aetcd.rpc.AioRpcError as error:
+                raise EtcdError(f"etcd authentication failed: {error.details()}") from None
+            except TimeoutError:
+                raise EtcdError(f"etcd authentication: no answer within {within}s") from None
+            self.client.metadata = (("token", reply.token),)
+            # Unary calls read client.metadata; aetcd's watcher keeps its own copy
+            # for the watch stream it opens next (tests/integration/test_etcd_layer.py).
+            if self.client._watcher is not None:
+                self.client._watcher._metadata = self.client.metadata
+            log.info("etcd authenticated", user=self.username, renewed=rejected is not None)
 
     @property
     def write_timeout(self) -> float:
@@ -151,31 +184,31 @@ class Etcd:
 
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """All keys under ``prefix`` and the store revision they were read at."""
-        result = await self._call(self.client.get_prefix(prefix.encode()))
+        result = await self._call(lambda: self.client.get_prefix(prefix.encode()))
         items = [KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision) for kv in result]
         return result.header.revision, items
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         result = await self._call(
-            self.client.put(key.encode(), value, lease=lease), self.write_timeout
+            lambda: self.client.put(key.encode(), value, lease=lease), self.write_timeout
         )
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
-        result = await self._call(self.client.delete(key.encode()), self.write_timeout)
+        result = await self._call(lambda: self.client.delete(key.encode()), self.write_timeout)
         return bool(result and result.deleted)
 
     async def grant(self, ttl: int) -> int:
-        lease = await self._call(self.client.lease(ttl), self.write_timeout)
+        lease = await self._call(lambda: self.client.lease(ttl), self.write_timeout)
         return int(lease.id)
 
     async def refresh(self, lease_id: int) -> int:
         """Keep a lease alive; the remaining TTL, 0 if the lease is gone."""
-        reply = await self._call(self.client.refresh_lease(lease_id), self.write_timeout)
+        reply = await self._call(lambda: self.client.refresh_lease(lease_id), self.write_timeout)
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke(self, lease_id: int) -> None:
-        await self._call(self.client.revoke_lease(lease_id))
+        await self._call(lambda: self.client.revoke_lease(lease_id))
 
     async def watch_prefix(
         self,
@@ -190,9 +223,8 @@ class Etcd:
         revision they saw + 1. ``on_created`` is called once etcd has accepted
         the watch (before any event), so callers can report it as healthy.
         """
-        self.request_count += 1
         watch = await self._call(
-            self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
+            lambda: self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
         )
         if on_created is not None:
             on_created()

@@ -105,9 +105,11 @@ class DockerCli:
 class EtcdView:
     """Reads and watches one prefix through the project's own Etcd layer."""
 
-    def __init__(self, endpoint: str, prefix: str) -> None:
+    def __init__(self, endpoint: str, prefix: str, **credentials: str) -> None:
         self.prefix = prefix
-        self.etcd = Etcd(RegistrarSettings(etcd_host=endpoint, prefix=prefix, etcd_timeout=2.0))
+        self.etcd = Etcd(
+            RegistrarSettings(etcd_host=endpoint, prefix=prefix, etcd_timeout=2.0, **credentials)
+        )
         self.events: list[WatchEvent] = []
         self._watch: asyncio.Task[None] | None = None
 

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from agents.common.etcd import Etcd, LeaseKeeper
+from agents.common.etcd import Etcd, EtcdError, LeaseKeeper
 from agents.common.settings import CommonSettings
+from tests.conftest import ETCD_PASSWORD, ETCD_USER
 from tests.stack import Etcd as EtcdServer
 
 pytestmark = pytest.mark.integration
@@ -56,3 +57,33 @@ async def test_lease_keeper_replaces_an_expired_lease(etcd: EtcdServer, prefix: 
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_forgotten_auth_token_is_renewed(auth_etcd: EtcdServer, prefix: str) -> None:
+    """etcd drops a token after --auth-token-ttl unused and on restart; aetcd
+    authenticates only when it connects. Calls and new watches must go on."""
+    settings = CommonSettings(
+        etcd_host=auth_etcd.endpoint,
+        etcd_timeout=2.0,
+        etcd_username=ETCD_USER,
+        etcd_password=ETCD_PASSWORD,
+    )
+    async with Etcd(settings) as client:
+        await client.put(f"{prefix}/a", b"1")
+        await asyncio.sleep(2.5)  # the token expires (TTL 1 s)
+        await client.put(f"{prefix}/b", b"2")
+        auth_etcd.stop()
+        auth_etcd.start()  # every token is gone
+        await asyncio.sleep(2.5)  # and the renewed one expires too, unused
+        revision, items = await client.get_prefix(f"{prefix}/")
+        assert [i.key for i in items] == [f"{prefix}/a".encode(), f"{prefix}/b".encode()]
+        await asyncio.sleep(2.5)
+        watch = client.watch_prefix(f"{prefix}/", revision + 1)
+        await client.put(f"{prefix}/c", b"3")
+        event = await asyncio.wait_for(anext(watch), 5)
+        assert (event.key, event.value) == (f"{prefix}/c".encode(), b"3")
+        await watch.aclose()
+    wrong = settings.model_copy(update={"etcd_password": "wrong"})
+    with pytest.raises(EtcdError):
+        async with Etcd(wrong) as client:
+            await client.put(f"{prefix}/d", b"4")

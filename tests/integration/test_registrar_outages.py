@@ -21,6 +21,8 @@ from registrar_kit import (
     unique,
 )
 
+from tests.conftest import ETCD_PASSWORD, ETCD_USER
+
 pytestmark = pytest.mark.integration
 
 
@@ -137,6 +139,22 @@ async def test_hung_dockerd_is_reported_and_events_flow_again_after_it(
         await eventually(lambda: view.of_container(after), within=10)
         await docker("rm", "-f", cid)
         await eventually(lambda: _not(view.of_container(cid)), within=10)
+
+
+async def test_with_etcd_auth_registration_goes_on_after_etcd_forgets_the_token(
+    docker: DockerCli, auth_etcd: Any, reg_prefix: str, whoami: str
+) -> None:
+    credentials = {"etcd_username": ETCD_USER, "etcd_password": ETCD_PASSWORD}
+    settings = settings_for(docker, auth_etcd.endpoint, reg_prefix, **credentials)
+    view = EtcdView(auth_etcd.endpoint, reg_prefix, **credentials)
+    async with view, registrar(settings):
+        first = await docker.run(whoami)
+        await eventually(lambda: view.of_container(first))
+        auth_etcd.stop()
+        auth_etcd.start()  # a restarted etcd knows no token
+        second = await docker.run(whoami)
+        await eventually(lambda: view.of_container(second), within=10)
+        assert await view.of_container(first)
 
 
 async def _healthz(address: str, status: int) -> dict[str, Any] | None:

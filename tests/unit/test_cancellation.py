@@ -18,7 +18,7 @@ from agents.common.settings import CommonSettings
 async def test_etcd_call_keeps_a_cancel_that_races_the_answer() -> None:
     etcd = Etcd(CommonSettings(etcd_host="127.0.0.1:1"))  # never connected
     answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    call = asyncio.create_task(etcd._call(answer, deadline=5))
+    call = asyncio.create_task(etcd._call(lambda: answer, deadline=5))
     await asyncio.sleep(0)  # the call is now waiting for the answer
     answer.set_result(7)  # the answer and the cancel land in the same loop turn
     call.cancel()
@@ -30,4 +30,4 @@ async def test_etcd_call_deadline_is_an_etcd_error() -> None:
     etcd = Etcd(CommonSettings(etcd_host="127.0.0.1:1"))
     never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     with pytest.raises(EtcdError, match=r"did not answer within 0\.01s"):
-        await etcd._call(never, deadline=0.01)
+        await etcd._call(lambda: never, deadline=0.01)
