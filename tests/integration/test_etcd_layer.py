@@ -69,20 +69,26 @@ async def test_a_forgotten_auth_token_is_renewed(auth_etcd: EtcdServer, prefix: 
         etcd_password=ETCD_PASSWORD,
     )
     async with Etcd(settings) as client:
-        await client.put(f"{prefix}/a", b"1")
+        first = await client.put(f"{prefix}/a", b"1")
+        before = client.watch_prefix(f"{prefix}/", first + 1)  # a stream open across it all
         await asyncio.sleep(2.5)  # the token expires (TTL 1 s)
         await client.put(f"{prefix}/b", b"2")
+        event = await asyncio.wait_for(anext(before), 5)
+        assert event.key == f"{prefix}/b".encode()
         auth_etcd.stop()
         auth_etcd.start()  # every token is gone
         await asyncio.sleep(2.5)  # and the renewed one expires too, unused
         revision, items = await client.get_prefix(f"{prefix}/")
         assert [i.key for i in items] == [f"{prefix}/a".encode(), f"{prefix}/b".encode()]
+        with pytest.raises(EtcdError):  # the old stream broke with the restart
+            await asyncio.wait_for(anext(before), 5)
         await asyncio.sleep(2.5)
-        watch = client.watch_prefix(f"{prefix}/", revision + 1)
+        watch = client.watch_prefix(f"{prefix}/", revision + 1)  # as a resuming watcher does
         await client.put(f"{prefix}/c", b"3")
         event = await asyncio.wait_for(anext(watch), 5)
         assert (event.key, event.value) == (f"{prefix}/c".encode(), b"3")
         await watch.aclose()
+        await before.aclose()
     wrong = settings.model_copy(update={"etcd_password": "wrong"})
     with pytest.raises(EtcdError):
         async with Etcd(wrong) as client:
