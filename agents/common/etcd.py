@@ -162,6 +162,7 @@ class Etcd:
             request = aetcd.rpc.AuthenticateRequest(name=self.username, password=self.password)
             try:
                 async with asyncio.timeout(within):
+                    await self.client.connect()  # no-op once connected (aetcd connects lazily)
                     reply = await aetcd.rpc.AuthStub(self.client.channel).Authenticate(request)
             except aetcd.rpc.AioRpcError as error:
                 raise EtcdError(f"etcd authentication failed: {error.details()}") from None

@@ -89,7 +89,12 @@ async def test_a_forgotten_auth_token_is_renewed(auth_etcd: EtcdServer, prefix: 
         assert (event.key, event.value) == (f"{prefix}/c".encode(), b"3")
         await watch.aclose()
         await before.aclose()
+    lazy = Etcd(settings)  # never entered, as the discoverer uses it: aetcd connects on use
+    try:
+        await lazy.put(f"{prefix}/d", b"4")
+    finally:
+        await lazy.close()
     wrong = settings.model_copy(update={"etcd_password": "wrong"})
     with pytest.raises(EtcdError):
         async with Etcd(wrong) as client:
-            await client.put(f"{prefix}/d", b"4")
+            await client.put(f"{prefix}/e", b"5")
