@@ -39,6 +39,7 @@ from agents.common.etcd import Etcd
 from agents.common.schema import Instance, instance_key
 from agents.common.settings import DiscovererSettings
 from agents.discoverer.agent import serve
+from tests.conftest import ETCD_PASSWORD, ETCD_USER
 
 pytestmark = pytest.mark.integration
 
@@ -121,8 +122,8 @@ class Writer:
 
 
 @contextlib.asynccontextmanager
-async def writer(endpoint: str, prefix: str) -> AsyncIterator[Writer]:
-    async with Etcd(DiscovererSettings(etcd_host=endpoint, prefix=prefix)) as etcd:
+async def writer(endpoint: str, prefix: str, **credentials: str) -> AsyncIterator[Writer]:
+    async with Etcd(DiscovererSettings(etcd_host=endpoint, prefix=prefix, **credentials)) as etcd:
         yield Writer(etcd, prefix)
 
 
@@ -160,6 +161,26 @@ async def test_list_then_watch(etcd: Any, prefix: str, tmp_path: Path) -> None:
             status, health = await healthz(d.admin_port)
             assert status == 200, health
             assert health["etcd"]["watching"] is True
+
+
+async def test_with_etcd_auth_changes_flow_after_etcd_forgets_the_token(
+    auth_etcd: Any, prefix: str, tmp_path: Path
+) -> None:
+    credentials = {"etcd_username": ETCD_USER, "etcd_password": ETCD_PASSWORD}
+    port = free_port()
+    async with (
+        upstreams("a", "b") as up,
+        writer(endpoint_of(auth_etcd), prefix, **credentials) as w,
+    ):
+        await w.put(make_instance("web", up["a"].port, port))
+        async with discoverer(tmp_path, endpoint_of(auth_etcd), prefix, **credentials) as d:
+            await routable(port, "a")
+            auth_etcd.stop()
+            auth_etcd.start()  # a restarted etcd knows no token: the watch must resume anyway
+            await w.put(make_instance("web", up["b"].port, port))
+            await routable(port, "b", within=15)
+            status, health = await healthz(d.admin_port)
+            assert status == 200, health
 
 
 # -- etcd going away ----------------------------------------------------------------
