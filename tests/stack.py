@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -107,8 +106,20 @@ def unique_prefix(name: str = "t") -> str:
 
 
 def make_base_dir(tag: str = "stack") -> Path:
-    """A fresh short directory under /tmp for one session's server state."""
-    return Path(tempfile.mkdtemp(prefix=f"pf{tag[:6]}-", dir="/tmp"))
+    """A fresh short directory under /tmp for one session's server state.
+
+    Its name goes into containerd namespaces, which allow no "_" next to a
+    "-" (mkdtemp's names hold "_": "pftest-_r9lfgbi-d1" failed every
+    container start of a test session): letters and digits only.
+    """
+    for _ in range(100):
+        path = Path("/tmp") / f"pf{tag[:6]}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise RuntimeError("no free directory name under /tmp")
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
