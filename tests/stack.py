@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -702,8 +703,46 @@ def _post_json(url: str, body: dict[str, Any], timeout: float = 2.0) -> Any:
         return json.loads(response.read())
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a throwaway CA, and a server and a client certificate it signed."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(directory: Path, server_names: Sequence[str] = ("etcd.test",)) -> TlsFiles:
+    """With the openssl command; the server certificate is for 127.0.0.1 and ``server_names``."""
+    openssl = require_binary("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(command: str) -> None:  # no argument has a space
+        argv = [openssl, *command.split()]
+        subprocess.run(argv, cwd=directory, check=True, capture_output=True, timeout=60)
+
+    run("req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=pilotfish-test-ca"
+        " -keyout ca.key -out ca.crt")  # fmt: skip
+    sans = ",".join(["IP:127.0.0.1", *(f"DNS:{name}" for name in server_names)])
+    usages = {"server": f"subjectAltName={sans}", "client": "extendedKeyUsage=clientAuth"}
+    for who, extension in usages.items():
+        (directory / f"{who}.ext").write_text(extension + "\n")
+        run(f"req -newkey rsa:2048 -nodes -subj /CN=pilotfish-{who} -keyout {who}.key"
+            f" -out {who}.csr")  # fmt: skip
+        run(f"x509 -req -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -in {who}.csr"
+            f" -extfile {who}.ext -out {who}.crt")  # fmt: skip
+    names = ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")
+    return TlsFiles(*(directory / name for name in names))
+
+
 class Etcd(_Server):
-    """One etcd member on 127.0.0.1; ``initial_cluster`` makes it part of a cluster."""
+    """One etcd member on 127.0.0.1; ``initial_cluster`` makes it part of a cluster.
+
+    With ``tls`` it serves clients over TLS only and requires a client
+    certificate; /health is then on a plain-HTTP metrics port.
+    """
 
     def __init__(
         self,
@@ -714,9 +753,12 @@ class Etcd(_Server):
         initial_cluster: str | None = None,
         ready_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         self.name = name
         self.extra_args = list(extra_args)
+        self.tls = tls
+        self.metrics_port = free_port() if tls else None
         self.dir = Path(base_dir) / name
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -732,7 +774,13 @@ class Etcd(_Server):
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
+
+    @property
+    def health_url(self) -> str:
+        if self.metrics_port:
+            return f"http://127.0.0.1:{self.metrics_port}/health"
+        return f"{self.client_url}/health"
 
     @property
     def peer_url(self) -> str:
@@ -754,7 +802,19 @@ class Etcd(_Server):
             f"--initial-cluster={self.initial_cluster}",
             "--initial-cluster-state=new",  # ignored once the data dir exists
             f"--initial-cluster-token={token}",
+            *self._tls_args(),
             *self.extra_args,
+        ]
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            f"--cert-file={self.tls.server_cert}",
+            f"--key-file={self.tls.server_key}",
+            f"--trusted-ca-file={self.tls.ca}",
+            "--client-cert-auth",
+            f"--listen-metrics-urls=http://127.0.0.1:{self.metrics_port}",
         ]
 
     def spawn(self) -> None:
@@ -772,7 +832,7 @@ class Etcd(_Server):
         _wait_until(self.healthy, self.ready_timeout, f"etcd {self.name}", self._proc)
 
     def healthy(self) -> bool:
-        with urllib.request.urlopen(f"{self.client_url}/health", timeout=1) as response:
+        with urllib.request.urlopen(self.health_url, timeout=1) as response:
             return bool(json.loads(response.read()).get("health") == "true")
 
     def status(self) -> dict[str, Any]:

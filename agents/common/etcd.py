@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # The discoverer forks HAProxy; gRPC's fork handlers are not needed (the child
@@ -27,6 +28,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd
 import aetcd.exceptions
+import aetcd.watcher
+import grpc
 
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, get_logger
@@ -104,13 +107,21 @@ class Etcd:
         host, port = grpc_target(settings.endpoints)
         self.target = f"{host}:{port}"
         self.timeout = settings.etcd_timeout
-        self.client = aetcd.Client(
+        options = dict(GRPC_OPTIONS)
+        if settings.etcd_server_name:
+            options["grpc.ssl_target_name_override"] = settings.etcd_server_name
+        client: type[aetcd.Client] = aetcd.Client
+        tls: dict[str, Any] = {}
+        if settings.etcd_tls:
+            client, tls = _TlsClient, {"credentials": _channel_credentials(settings)}
+        self.client = client(
             host=host,
             port=port,
             # No credentials here: aetcd would authenticate inside connect(),
             # which then fails while etcd is down; _call authenticates lazily.
             timeout=None,  # per call, below: the watch stream must not time out
-            options=dict(GRPC_OPTIONS),
+            options=options,
+            **tls,
         )
         self.request_count = 0  # every RPC this process made (for benchmarks)
         self.username, self.password = settings.etcd_username, settings.etcd_password
@@ -242,6 +253,46 @@ class Etcd:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await watch.cancel()
+
+
+def _channel_credentials(settings: CommonSettings) -> grpc.ChannelCredentials:
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(settings.etcd_cacert),  # None: the system's CAs
+        private_key=read(settings.etcd_key),
+        certificate_chain=read(settings.etcd_cert),
+    )
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client over a TLS channel: aetcd.Client.connect() opens plain text only.
+
+    connect() is aetcd 1.x's, with a secure channel and without its
+    authentication (Etcd authenticates lazily); tests/integration/test_etcd_layer.py
+    runs it against an etcd that requires client certificates.
+    """
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._channel_credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target = f"{self._host}:{self._port}"
+        self.channel = aetcd.rpc.secure_channel(
+            target, self._channel_credentials, options=self._options.items()
+        )
+        self.kvstub = aetcd.rpc.KVStub(self.channel)
+        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
 
 
 class LeaseKeeper:

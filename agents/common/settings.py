@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agents.common.schema import NAME_PATTERN, PREFIX_PATTERN
@@ -67,6 +68,14 @@ class CommonSettings(BaseSettings):
     etcd_timeout: float = Field(5.0, gt=0, description="seconds before an etcd call is retried")
     etcd_username: str | None = Field(None, description="etcd user (with --etcd-password)")
     etcd_password: str | None = Field(None, description="etcd password")
+    etcd_cacert: str | None = Field(
+        None, description="CA bundle (PEM) to verify etcd's certificate; turns TLS on"
+    )
+    etcd_cert: str | None = Field(None, description="client certificate (PEM) for etcd")
+    etcd_key: str | None = Field(None, description="client key (PEM) for etcd, with --etcd-cert")
+    etcd_server_name: str | None = Field(
+        None, description="name etcd's certificate must carry (default: the endpoint's host)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: readable on a terminal, JSON lines otherwise"
@@ -77,6 +86,27 @@ class CommonSettings(BaseSettings):
     def _check_endpoints(cls, value: str) -> str:
         parse_endpoints(value)
         return value
+
+    @field_validator("etcd_cacert", "etcd_cert", "etcd_key")
+    @classmethod
+    def _check_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                Path(value).read_bytes()
+            except OSError as error:
+                raise ValueError(f"cannot read {value}: {error.strerror}") from None
+        return value
+
+    @field_validator("etcd_key")
+    @classmethod
+    def _check_key_pair(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if (value is None) != (info.data.get("etcd_cert") is None):
+            raise ValueError("--etcd-cert and --etcd-key go together")
+        return value
+
+    @property
+    def etcd_tls(self) -> bool:
+        return any((self.etcd_cacert, self.etcd_cert, self.etcd_key))
 
     @field_validator("prefix")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from agents.common.etcd import Etcd, EtcdError, LeaseKeeper
 from agents.common.settings import CommonSettings
 from tests.conftest import ETCD_PASSWORD, ETCD_USER
 from tests.stack import Etcd as EtcdServer
+from tests.stack import make_tls_files
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +100,36 @@ async def test_a_forgotten_auth_token_is_renewed(auth_etcd: EtcdServer, prefix: 
     with pytest.raises(EtcdError):
         async with Etcd(wrong) as client:
             await client.put(f"{prefix}/e", b"5")
+
+
+async def test_tls_with_client_certificates(stack_dir: Path, prefix: str) -> None:
+    """etcd serving TLS only and requiring a client certificate (aetcd has no TLS)."""
+    tag = prefix.rsplit("-", 1)[-1][:8]
+    files = make_tls_files(stack_dir / f"tls-{tag}")
+    with EtcdServer(stack_dir, f"tls{tag}", tls=files) as server:
+        settings = CommonSettings(
+            etcd_host=server.endpoint,
+            etcd_timeout=2.0,
+            etcd_cacert=str(files.ca),
+            etcd_cert=str(files.client_cert),
+            etcd_key=str(files.client_key),
+        )
+        async with Etcd(settings) as client:
+            revision = await client.put(f"{prefix}/a", b"1")
+            watch = client.watch_prefix(f"{prefix}/", revision + 1)
+            await client.put(f"{prefix}/b", b"2")
+            event = await asyncio.wait_for(anext(watch), 5)
+            assert event.key == f"{prefix}/b".encode()
+            await watch.aclose()
+        by_name = settings.model_copy(
+            update={"etcd_host": f"localhost:{server.client_port}", "etcd_server_name": "etcd.test"}
+        )
+        async with Etcd(by_name) as client:  # the certificate checked against another name
+            _revision, items = await client.get_prefix(f"{prefix}/")
+            assert len(items) == 2
+        plain = CommonSettings(etcd_host=server.endpoint, etcd_timeout=1.0)
+        no_cert = settings.model_copy(update={"etcd_cert": None, "etcd_key": None})
+        for refused in (plain, no_cert):
+            with pytest.raises(EtcdError):
+                async with Etcd(refused) as client:
+                    await client.put(f"{prefix}/c", b"3")

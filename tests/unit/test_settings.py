@@ -52,6 +52,9 @@ def test_service_filter() -> None:
         (["register", "--prefix", "no-slash"], {}, "prefix"),
         (["discover", "--services", "ok,bad name"], {}, "services"),
         (["discover", "--bind-address", "localhost"], {}, "bind_address"),
+        (["discover", "--etcd-cacert", "/nonexistent/ca.pem"], {}, "etcd_cacert"),
+        (["register", "--etcd-cert", "/etc/hostname"], {}, "--etcd-cert and --etcd-key go"),
+        (["register"], {"PILOTFISH_ETCD_KEY": "/etc/hostname"}, "etcd_key"),
     ],
 )
 def test_bad_setting_exits_2_with_one_line(
