@@ -25,9 +25,13 @@ for unit in "${UNITS[@]}"; do
     mkdir -p "$root$(dirname "$binary")"
     printf '#!/bin/sh\nexit 0\n' >"$root$binary"
     chmod +x "$root$binary"
+    # The commented etcd TLS credentials block, switched on, must verify too.
+    sed 's/^#LoadCredential=/LoadCredential=/; s/^#Environment=PILOTFISH_ETCD/Environment=PILOTFISH_ETCD/' \
+        "$PF_REPO/systemd/$unit" >"$root/etc/systemd/system/${unit%.service}-tls.service"
+    grep -q '^LoadCredential=etcd-key' "$root/etc/systemd/system/${unit%.service}-tls.service"
 done
 
-out="$(systemd-analyze verify --root="$root" "${UNITS[@]}" 2>&1)" || status=1
+out="$(systemd-analyze verify --root="$root" "${UNITS[@]}" "${UNITS[@]/%.service/-tls.service}" 2>&1)" || status=1
 if [[ -n "$out" ]]; then
     printf '%s\n' "$out" >&2
     status=1
