@@ -32,7 +32,7 @@ import aetcd.watcher
 import grpc
 
 from agents.common.backoff import Backoff
-from agents.common.logging import OnceEvery, get_logger
+from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.settings import CommonSettings
 
 log = get_logger("pilotfish.etcd")
@@ -380,7 +380,7 @@ class LeaseKeeper:
     def _report(self, what: str, exc: BaseException) -> None:
         self.on_error(exc)
         if self._quiet.should_log("refresh"):
-            log.warning(what + ", retrying", error=str(exc) or type(exc).__name__)
+            log.warning(what + ", retrying", error=describe(exc))
 
     def _recovered(self) -> None:
         held = self._quiet.clear("refresh")

@@ -36,6 +36,12 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     )
 
 
+def describe(error: BaseException) -> str:
+    """An error for a log line or /healthz: its text, or its type when it has none
+    (str(TimeoutError()) is "")."""
+    return str(error) or type(error).__name__
+
+
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from agents.common.admin import AdminServer
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd
-from agents.common.logging import OnceEvery, get_logger
+from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.settings import DiscovererSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.discoverer.guard import EmptyPrefixGuard
@@ -156,7 +156,7 @@ class Discoverer:
                 raise
             except Exception as error:  # any HAProxy failure: keep trying, log once
                 APPLY_ERRORS.inc()
-                self.last_apply_error = str(error) or type(error).__name__
+                self.last_apply_error = describe(error)
                 if self._quiet.should_log("apply"):
                     log.error(
                         "HAProxy update failed, retrying",

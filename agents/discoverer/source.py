@@ -28,7 +28,7 @@ from prometheus_client import Gauge
 
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd, RevisionCompacted
-from agents.common.logging import OnceEvery, get_logger
+from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.schema import Instance, SchemaError, parse_entry, services_prefix
 
 log = get_logger("pilotfish.discoverer.source")
@@ -291,7 +291,7 @@ class EtcdSource:
                 need_list = True
                 continue  # no backoff: etcd is up, it just forgot the history
             except Exception as error:  # every etcd / gRPC failure: retry, never crash
-                self._broken(str(error) or type(error).__name__, "error")
+                self._broken(describe(error), "error")
             await self.backoff.wait()
 
     async def _list(self) -> None:

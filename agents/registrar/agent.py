@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agents.common.admin import AdminServer
 from agents.common.etcd import Etcd
-from agents.common.logging import get_logger
+from agents.common.logging import describe, get_logger
 from agents.common.settings import RegistrarSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.registrar.docker_source import (
@@ -334,4 +334,4 @@ async def _deregister(sink: EtcdSink) -> None:
             await sink.deregister()
         log.info("lease revoked: this host's registrations are gone")
     except Exception as error:  # the lease expires by itself within the TTL anyway
-        log.warning("could not revoke the lease", error=str(error) or type(error).__name__)
+        log.warning("could not revoke the lease", error=describe(error))

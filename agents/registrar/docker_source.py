@@ -22,7 +22,7 @@ import aiodocker
 import aiohttp
 
 from agents.common.backoff import Backoff
-from agents.common.logging import OnceEvery, get_logger
+from agents.common.logging import OnceEvery, describe, get_logger
 from agents.registrar.model import ContainerInfo, container_from_inspect
 
 log = get_logger("pilotfish.docker")
@@ -101,7 +101,7 @@ class DockerSource:
                 raise
             raise DockerUnavailable(f"{path}: {error}") from None
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
-            raise DockerUnavailable(f"{path}: {_describe(error)}") from None
+            raise DockerUnavailable(f"{path}: {describe(error)}") from None
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         """The container as it is now; None if it no longer exists."""
@@ -132,7 +132,7 @@ class DockerSource:
         except aiodocker.DockerError as error:
             raise DockerUnavailable(f"_ping: {error}") from None
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
-            raise DockerUnavailable(f"_ping: {_describe(error)}") from None
+            raise DockerUnavailable(f"_ping: {describe(error)}") from None
 
     # --- the stream ------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ class DockerSource:
             except DockerUnavailable as error:
                 self._lost(str(error))
             except (aiohttp.ClientError, OSError, ValueError) as error:
-                self._lost(f"event stream broke: {_describe(error)}")
+                self._lost(f"event stream broke: {describe(error)}")
             await backoff.wait()
 
     async def _one_connection(self) -> AsyncGenerator[Snapshot | ContainerEvent, None]:
@@ -212,11 +212,6 @@ async def _watchdog(source: DockerSource, response: aiohttp.ClientResponse) -> A
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def _describe(error: BaseException) -> str:
-    # str(TimeoutError()) is "": name the error rather than log nothing.
-    return str(error) or type(error).__name__
 
 
 def _parse_event(line: bytes) -> ContainerEvent | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd, EtcdError, LeaseKeeper, is_lease_not_found
-from agents.common.logging import OnceEvery, get_logger
+from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.schema import Instance, instance_key, services_prefix
 from agents.registrar.model import Plan, owned_by, reconcile
 
@@ -255,7 +255,7 @@ class EtcdSink:
 
     def _failed(self, error: BaseException) -> None:
         self.failing = True
-        self.last_error = str(error) or type(error).__name__
+        self.last_error = describe(error)
         self.hooks.on_error(error)
         if self._quiet.should_log("etcd"):
             log.warning("etcd write failed, retrying", error=self.last_error, pending=self.backlog)
