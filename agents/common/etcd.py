@@ -110,18 +110,14 @@ class Etcd:
         options = dict(GRPC_OPTIONS)
         if settings.etcd_server_name:
             options["grpc.ssl_target_name_override"] = settings.etcd_server_name
-        client: type[aetcd.Client] = aetcd.Client
-        tls: dict[str, Any] = {}
-        if settings.etcd_tls:
-            client, tls = _TlsClient, {"credentials": _channel_credentials(settings)}
-        self.client = client(
+        self.client = _Client(
+            _channel_credentials(settings) if settings.etcd_tls else None,
             host=host,
             port=port,
             # No credentials here: aetcd would authenticate inside connect(),
             # which then fails while etcd is down; _call authenticates lazily.
             timeout=None,  # per call, below: the watch stream must not time out
             options=options,
-            **tls,
         )
         self.request_count = 0  # every RPC this process made (for benchmarks)
         self.username, self.password = settings.etcd_username, settings.etcd_password
@@ -266,19 +262,23 @@ def _channel_credentials(settings: CommonSettings) -> grpc.ChannelCredentials:
     )
 
 
-class _TlsClient(aetcd.Client):  # type: ignore[misc]
-    """aetcd's client over a TLS channel: aetcd.Client.connect() opens plain text only.
+class _Client(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client, over TLS when given channel credentials.
 
-    connect() is aetcd 1.x's, with a secure channel and without its
+    aetcd.Client.connect() opens plain-text channels only. With credentials,
+    connect() is aetcd 1.x's with a secure channel and without its
     authentication (Etcd authenticates lazily); tests/integration/test_etcd_layer.py
     runs it against an etcd that requires client certificates.
     """
 
-    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+    def __init__(self, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._channel_credentials = credentials
 
     async def connect(self) -> None:
+        if self._channel_credentials is None:
+            await super().connect()
+            return
         if self._connected.is_set():
             return
         target = f"{self._host}:{self._port}"
