@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from prometheus_client import CollectorRegistry
 
@@ -31,19 +31,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class HttpUpstream:
-    """HTTP/1.1 keep-alive server answering its name after ``delay`` seconds."""
+class _Listener:
+    """A server on a free 127.0.0.1 port; subclasses answer in ``_handle``."""
 
-    def __init__(self, name: str, delay: float = 0.0, behaviour: str = "ok") -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.delay = delay
-        self.behaviour = behaviour  # "ok" or "empty" (close without answering)
         self.port = 0
-        self.requests = 0
-        self.completed = 0
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> HttpUpstream:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -51,6 +47,20 @@ class HttpUpstream:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class HttpUpstream(_Listener):
+    """HTTP/1.1 keep-alive server answering its name after ``delay`` seconds."""
+
+    def __init__(self, name: str, delay: float = 0.0, behaviour: str = "ok") -> None:
+        super().__init__(name)
+        self.delay = delay
+        self.behaviour = behaviour  # "ok" or "empty" (close without answering)
+        self.requests = 0
+        self.completed = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -71,22 +81,8 @@ class HttpUpstream:
             writer.close()
 
 
-class TcpUpstream:
+class TcpUpstream(_Listener):
     """Writes ``<name>\\n`` to every connection and closes it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> TcpUpstream:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     async def _handle(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
