@@ -113,14 +113,9 @@ def make_base_dir(tag: str = "stack") -> Path:
     "-" (mkdtemp's names hold "_": "pftest-_r9lfgbi-d1" failed every
     container start of a test session): letters and digits only.
     """
-    for _ in range(100):
-        path = Path("/tmp") / f"pf{tag[:6]}-{uuid.uuid4().hex[:8]}"
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        return path
-    raise RuntimeError("no free directory name under /tmp")
+    path = Path("/tmp") / f"pf{tag[:6]}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o700)  # exists already: a clash of 32 random bits, fail loudly
+    return path
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
