@@ -139,26 +139,29 @@ class Etcd:
     async def _call(self, call: Callable[[], Awaitable[Any]], deadline: float | None = None) -> Any:
         """``call()`` within ``deadline``; once more after renewing a rejected auth token."""
         timeout = deadline or self.timeout
-        for attempt in (1, 2):
-            self.request_count += 1
-            if self.username is not None and self.client.metadata is None:
-                await self._authenticate(None, timeout)
-            token = self.client.metadata
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the
-                # result and drops a cancel that arrives as the call completes, so a
-                # stopping agent could hang on a task that never saw its cancel.
-                async with asyncio.timeout(timeout):
-                    return await call()
-            except TimeoutError:
-                raise aetcd.exceptions.ConnectionTimeoutError(
-                    f"etcd did not answer within {timeout}s"
-                ) from None
-            except aetcd.exceptions.UnauthenticatedError:
-                if attempt == 2 or self.username is None:
-                    raise
-                await self._authenticate(token, timeout)
-        raise AssertionError("unreachable")
+        if self.username is not None and self.client.metadata is None:
+            await self._authenticate(None, timeout)
+        token = self.client.metadata
+        try:
+            return await self._within(call, timeout)
+        except aetcd.exceptions.UnauthenticatedError:
+            if self.username is None:
+                raise
+        await self._authenticate(token, timeout)
+        return await self._within(call, timeout)
+
+    async def _within(self, call: Callable[[], Awaitable[Any]], seconds: float) -> Any:
+        self.request_count += 1
+        try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the
+            # result and drops a cancel that arrives as the call completes, so a
+            # stopping agent could hang on a task that never saw its cancel.
+            async with asyncio.timeout(seconds):
+                return await call()
+        except TimeoutError:
+            raise aetcd.exceptions.ConnectionTimeoutError(
+                f"etcd did not answer within {seconds}s"
+            ) from None
 
     async def _authenticate(self, rejected: object, within: float) -> None:
         """A new auth token. etcd forgets tokens when it restarts and after
