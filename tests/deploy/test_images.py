@@ -13,47 +13,17 @@ etcd is reached by the registrar through the engine's bridge address
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
+
+from tests.deploy.helpers import docker, docker_env, free_port, get, inspect, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 
 SIZE_LIMIT_MB = 250  # on the local Debian base; the goal on python:3.12-slim is 150
-
-
-def docker_env(stack: dict[str, str]) -> dict[str, str]:
-    return {"DOCKER_HOST": stack["DOCKER_HOST"], "PATH": "/usr/local/bin:/usr/bin:/bin"}
-
-
-def docker(stack: dict[str, str], *args: str, timeout: float = 120) -> str:
-    result = subprocess.run(
-        ["docker", *args],
-        env=docker_env(stack),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def inspect(stack: dict[str, str], name: str) -> dict[str, Any]:
-    return json.loads(docker(stack, "inspect", name))[0]  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -150,24 +120,6 @@ def test_registrar_drops_root_and_reaches_the_socket(
     assert rw == "rw"
 
 
-def _get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.read().decode()  # type: ignore[no-any-return]
-    except (OSError, urllib.error.URLError):
-        return None
-
-
-def _wait(what: str, check: Any, timeout: float, diagnose: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout} s\n{diagnose()}")
-
-
 def test_seed_deployment_routes_a_whoami(
     deploy_stack: dict[str, str], containers: list[str]
 ) -> None:
@@ -248,9 +200,9 @@ def test_seed_deployment_routes_a_whoami(
             parts.append(f"--- {name} ---\n{result.stdout}{result.stderr}")
         return "\n".join(parts)
 
-    body = _wait(
+    body = wait(
         f"whoami through 127.0.0.1:{port}",
-        lambda: _get(f"http://127.0.0.1:{port}/"),
+        lambda: get(f"http://127.0.0.1:{port}/"),
         90,
         logs,
     )
@@ -258,7 +210,7 @@ def test_seed_deployment_routes_a_whoami(
 
     # Both agents' HEALTHCHECK (python urllib on /healthz) reports healthy.
     for name in (reg, disc):
-        _wait(
+        wait(
             f"{name} healthy",
             lambda name=name: inspect(deploy_stack, name)["State"]["Health"]["Status"] == "healthy",
             60,
