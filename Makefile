@@ -42,6 +42,7 @@ test-deploy: deps venv
 	deploy/ci-demo.sh
 	deploy/verify-systemd.sh
 	deploy/ci-images.sh
+	deploy/ci-systemd.sh
 	deploy/ci-compose.sh
 	deploy/ci-compose-split.sh
 

@@ -25,5 +25,5 @@ trap cleanup EXIT
 log "base + images: $((SECONDS - start)) s"
 eval "$("$PF_REPO/deploy/stack.sh" up | sed 's/^/export /')"
 test_start=$SECONDS
-PF_STACK_KEEP=1 "$PYTHON" -m pytest -p no:cacheprovider -m deploy "$PF_REPO/tests/deploy" -v -rA "$@"
+PF_STACK_KEEP=1 "$PYTHON" -m pytest -p no:cacheprovider -m deploy "$PF_REPO/tests/deploy/test_images.py" -v -rA "$@"
 log "tests/deploy: $((SECONDS - test_start)) s"
