@@ -81,6 +81,7 @@ class Discoverer:
         self.sink = sink
         self.guard = EmptyPrefixGuard()
         self.builder = CatalogBuilder(settings.service_filter)
+        self._built_live = False  # the builder's last state was a live snapshot
         self.started = False
         self.catalog: Catalog = {}
         self.served = 0
@@ -128,7 +129,12 @@ class Discoverer:
     async def _handle(self, snapshot: Snapshot) -> None:
         instances = self.guard.filter(snapshot.instances, snapshot.empty_cause)
         EMPTY_PREFIX_ALARM.set(1 if self.guard.alarm else 0)
-        catalog, conflicts = self.builder.build(instances)
+        # The snapshot's changed keys describe live state after live state;
+        # around held (guarded) state the builder compares everything.
+        live = instances is snapshot.instances
+        changed = snapshot.changed if live and self._built_live else None
+        self._built_live = live
+        catalog, conflicts = self.builder.build(instances, changed)
         self._log_conflicts(conflicts)
         await self._apply_until_done(catalog)
         self.catalog = catalog

@@ -9,7 +9,7 @@ catalogs into actions. No I/O here.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -93,9 +93,10 @@ class CatalogBuilder:
     source's snapshots are) and finds what changed by identity, so a change
     to one service costs that service plus a pass over the services, not a
     sort of every instance: at 10,000 instances over 1,000 services, about
-    1 ms instead of 27. An unchanged service is the *same* :class:`Service`
-    object as in the previous catalog, which lets the HAProxy side skip it.
-    Catalogs share these objects: treat them as read-only.
+    2 ms instead of 27. Told which keys changed, it skips the identity pass
+    over every instance too (1 ms). An unchanged service is the *same*
+    :class:`Service` object as in the previous catalog, which lets the
+    HAProxy side skip it. Catalogs share these objects: treat them as read-only.
     """
 
     def __init__(self, only: frozenset[str] = frozenset()) -> None:
@@ -106,9 +107,19 @@ class CatalogBuilder:
         self._oldest: dict[str, tuple[datetime, str, str]] = {}  # service -> _age(ordered[0])
         # service -> (index of the instance that gave the listener, the Service, its conflicts)
         self._built: dict[str, tuple[int, Service, list[Conflict]]] = {}
+        # The last assembly: service -> index of the instance that claimed its
+        # port (in claim order), and the instances left out for taken ports.
+        self._won: dict[str, int] = {}
+        self._port_conflicts: list[Conflict] = []
 
-    def build(self, state: Mapping[str, Instance]) -> tuple[Catalog, list[Conflict]]:
-        for service in self._absorb(state):
+    def build(
+        self, state: Mapping[str, Instance], changed: Collection[str] | None = None
+    ) -> tuple[Catalog, list[Conflict]]:
+        """The catalog of ``state``. ``changed``: the only keys where ``state``
+        differs from the previous one (a promise; None: compare every key)."""
+        touched = {s for s in self._absorb(state, changed) if not self.only or s in self.only}
+        claims = {service: self._claim(service) for service in touched}
+        for service in touched:
             self._ordered.pop(service, None)
             self._oldest.pop(service, None)
             self._built.pop(service, None)
@@ -118,23 +129,34 @@ class CatalogBuilder:
                 self._oldest[service] = _age(ordered[0])
             else:
                 self._members.pop(service, None)
+        if all(claim is not None and self._claim(s) == claim for s, claim in claims.items()):
+            return self._reassemble()
         return self._assemble()
 
-    def _absorb(self, state: Mapping[str, Instance]) -> set[str]:
-        """Take the new state in; the services whose instances changed."""
+    def _claim(self, service: str) -> tuple[tuple[datetime, str, str], int] | None:
+        """How ``service`` took its port in the last assembly, if with its oldest
+        instance: (that instance's age, the port). None otherwise."""
+        ordered = self._ordered.get(service)
+        if not ordered or self._won.get(service) != 0:
+            return None
+        return _age(ordered[0]), ordered[0].bind_port
+
+    def _absorb(self, state: Mapping[str, Instance], keys: Collection[str] | None) -> set[str]:
+        """Take the new state in (only ``keys`` changed); the services whose instances changed."""
         old, self._state = self._state, state
         changed: set[str] = set()
-        for key, instance in state.items():
-            before = old.get(key)
+        for key in state.keys() if keys is None else keys:
+            before, instance = old.get(key), state.get(key)
             if before is instance:
                 continue
             if before is not None:
                 changed.add(self._drop(key, before))
-            if not self.only or instance.service in self.only:
+            if instance is not None and (not self.only or instance.service in self.only):
                 self._members.setdefault(instance.service, {})[key] = instance
                 changed.add(instance.service)
-        for key in old.keys() - state.keys():
-            changed.add(self._drop(key, old[key]))
+        if keys is None:  # no promise: find the removed keys too
+            for key in old.keys() - state.keys():
+                changed.add(self._drop(key, old[key]))
         return changed
 
     def _drop(self, key: str, instance: Instance) -> str:
@@ -148,6 +170,7 @@ class CatalogBuilder:
         # instance were visited oldest first).
         catalog: Catalog = {}
         conflicts: list[Conflict] = []
+        self._won, self._port_conflicts = {}, []
         ports: dict[int, str] = {}
         heap = [(age, name, 0) for name, age in self._oldest.items()]
         heapq.heapify(heap)
@@ -158,11 +181,24 @@ class CatalogBuilder:
             owner = ports.get(instance.bind_port)
             if owner is not None:
                 reason = f"port {instance.bind_port} is used by {owner}"
-                conflicts.append(Conflict(name, instance.server_name, reason))
+                self._port_conflicts.append(Conflict(name, instance.server_name, reason))
                 if index + 1 < len(ordered):
                     heapq.heappush(heap, (_age(ordered[index + 1]), name, index + 1))
                 continue
             ports[instance.bind_port] = name
+            self._won[name] = index
+            service, own = self._service(name, index)
+            catalog[name] = service
+            conflicts.extend(own)
+        return catalog, self._port_conflicts + conflicts
+
+    def _reassemble(self) -> tuple[Catalog, list[Conflict]]:
+        # Every changed service claims the same port at the same point of the
+        # order as before, so every claim comes out as in the last assembly:
+        # only the changed services' contents need rebuilding.
+        catalog: Catalog = {}
+        conflicts = list(self._port_conflicts)
+        for name, index in self._won.items():
             service, own = self._service(name, index)
             catalog[name] = service
             conflicts.extend(own)

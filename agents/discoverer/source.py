@@ -63,9 +63,11 @@ class Snapshot:
     """The whole current state after one batch of changes."""
 
     instances: Mapping[str, Instance]  # key -> instance, valid entries only
-    keys: Mapping[str, int]  # every key under the prefix -> mod revision, valid or not
     revision: int  # the etcd revision this state reflects
     relisted: bool  # the state was replaced by a full list in this batch
+    # The keys put or deleted since the previous snapshot (None: relisted,
+    # anything may have changed), so the catalog need not compare every key.
+    changed: frozenset[str] | None
     empty_cause: EmptyCause | None  # why ``instances`` is empty (None: not empty / startup)
     first_change_at: float  # time.monotonic() the oldest change of this batch arrived
     added: tuple[Instance, ...]  # instances put (new or changed) in this batch
@@ -125,6 +127,7 @@ class PrefixState:
             self._hosts_before_revision = len(self._hosts)
         self.revision = revision
         key = _text(raw_key)
+        self._changed.add(key)
         had_instances = bool(self.instances)
         self._remove(key)
         if value is None:
@@ -152,9 +155,9 @@ class PrefixState:
     def take_batch(self) -> Snapshot:
         snapshot = Snapshot(
             instances=dict(self.instances),
-            keys=dict(self.keys),
             revision=self.revision,
             relisted=self._relisted,
+            changed=None if self._relisted else frozenset(self._changed),
             empty_cause=self.empty_cause,
             first_change_at=self._first_change_at or time.monotonic(),
             added=tuple(self._added),
@@ -168,6 +171,7 @@ class PrefixState:
         self._first_change_at: float | None = None
         self._relisted = False
         self._added: list[Instance] = []
+        self._changed: set[str] = set()
 
     def _touch(self) -> None:
         if self._first_change_at is None:

@@ -115,10 +115,16 @@ def test_builder_agrees_with_a_full_rebuild_on_every_state(
     pool: list[Instance], states: list[list[int]], only: frozenset[str]
 ) -> None:
     builder = CatalogBuilder(only)
+    told = CatalogBuilder(only)  # given the changed keys, as the agent does
+    before: dict[str, Instance] = {}
     for picks in states:
         state = _keyed(pool, picks)
-        _same(builder.build(state), oracle(state.values(), only))
-        _same(build_catalog(state.values(), only), oracle(state.values(), only))
+        want = oracle(state.values(), only)
+        _same(builder.build(state), want)
+        changed = {k for k in state.keys() | before.keys() if state.get(k) is not before.get(k)}
+        _same(told.build(state, changed), want)
+        _same(build_catalog(state.values(), only), want)
+        before = state
 
 
 def test_unchanged_services_are_the_same_objects() -> None:

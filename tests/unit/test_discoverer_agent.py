@@ -14,7 +14,7 @@ from agents.common.schema import Instance, instance_key
 from agents.common.settings import DiscovererSettings
 from agents.discoverer.agent import Discoverer
 from agents.discoverer.model import Catalog
-from agents.discoverer.source import EmptyCause, Snapshot
+from agents.discoverer.source import EmptyCause, PrefixState, Snapshot
 
 PREFIX = "/pf"
 
@@ -34,9 +34,9 @@ def inst(n: int, service: str = "web", host: str = "host-a", **extra: Any) -> In
 def snap(*instances: Instance, cause: EmptyCause | None = None, relisted: bool = False) -> Snapshot:
     return Snapshot(
         instances={instance_key(PREFIX, i): i for i in instances},
-        keys={},
         revision=1,
         relisted=relisted,
+        changed=None,
         empty_cause=cause,
         first_change_at=0.0,
         added=instances,
@@ -175,4 +175,37 @@ async def test_conflicts_logged_once() -> None:
     conflicts = [e for e in logs if e["event"] == "instance conflicts with the catalog"]
     assert len(conflicts) == 1 and conflicts[0]["service"] == "api"
     assert set(sink.applied[-1]) == {"web"}
+    await stop(task)
+
+
+async def test_changed_keys_are_not_trusted_across_a_held_state() -> None:
+    """Snapshots from a real PrefixState: after the guard held the last state,
+    the next live snapshot's changed keys do not describe what the builder saw."""
+    state = PrefixState(PREFIX)
+    source, sink = ScriptedSource(), RecordingSink()
+    agent, task = await run_with(source, sink)
+    a, b, c, d = inst(1, host="host-a"), inst(2, host="host-b"), inst(3), inst(4)
+
+    def entry(i: Instance) -> tuple[str, bytes]:
+        return instance_key(PREFIX, i), i.to_json()
+
+    def served() -> set[str]:
+        return set(agent.catalog["web"].servers) if "web" in agent.catalog else set()
+
+    state.replace(4, [(*entry(a), 1), (*entry(b), 2)])
+    source.queue.put_nowait(state.take_batch())
+    await until(lambda: sink.started)
+    state.apply(entry(a)[0], None, 5)  # one revision removes both hosts' keys: a wipe
+    state.apply(entry(b)[0], None, 5)
+    source.queue.put_nowait(state.take_batch())
+    await until(lambda: agent.guard.alarm)
+    assert served() == {a.server_name, b.server_name}  # held
+    state.apply(*entry(c), 6)
+    source.queue.put_nowait(state.take_batch())
+    await until(lambda: not agent.guard.alarm)
+    assert served() == {c.server_name}  # not a, b, c: the held ones are gone
+    state.apply(entry(c)[0], None, 7)
+    state.apply(*entry(d), 7)
+    source.queue.put_nowait(state.take_batch())
+    await until(lambda: served() == {d.server_name})
     await stop(task)

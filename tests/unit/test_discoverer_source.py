@@ -58,14 +58,17 @@ def test_list_then_events() -> None:
     assert s.revision == 10
     snap = s.take_batch()
     assert snap.relisted and snap.revision == 10 and snap.added == ()
+    assert snap.changed is None  # a full list: anything may have changed
     s.apply(*entry(b), 11)
     s.apply(entry(a)[0], None, 12)
     snap = s.take_batch()
     assert list(snap.instances.values()) == [b]
     assert snap.added == (b,)
     assert not snap.relisted
-    assert snap.keys == {entry(b)[0]: 11}
+    assert snap.changed == {entry(a)[0], entry(b)[0]}
+    assert s.keys == {entry(b)[0]: 11}
     assert not s.pending
+    assert s.take_batch().changed == frozenset()
 
 
 def test_replayed_older_revision_is_ignored() -> None:
