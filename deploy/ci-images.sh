@@ -9,17 +9,7 @@ source "$(dirname "$0")/lib.sh"
 PYTHON="${PYTHON:-$PF_REPO/.venv/bin/python}"
 
 start=$SECONDS
-external="${DOCKER_HOST:-}"
-cleanup() {
-    local rc=$?
-    if [[ "${PF_KEEP:-0}" != 1 ]]; then
-        etcd_down
-        [[ -n "$external" ]] || dockerd_down
-    fi
-    log "ci-images: $((SECONDS - start)) s in all (exit $rc)"
-    exit $rc
-}
-trap cleanup EXIT
+stop_stack_on_exit ci-images
 
 "$PF_REPO/deploy/build-images.sh"
 log "base + images: $((SECONDS - start)) s"

@@ -9,18 +9,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 PYTHON="${PYTHON:-$PF_REPO/.venv/bin/python}"
 
-start=$SECONDS
-external="${DOCKER_HOST:-}"
-cleanup() {
-    local rc=$?
-    if [[ "${PF_KEEP:-0}" != 1 ]]; then
-        etcd_down
-        [[ -n "$external" ]] || dockerd_down
-    fi
-    log "ci-systemd: $((SECONDS - start)) s in all (exit $rc)"
-    exit $rc
-}
-trap cleanup EXIT
+stop_stack_on_exit ci-systemd
 
 eval "$("$PF_REPO/deploy/stack.sh" up | sed 's/^/export /')"
 PF_STACK_KEEP=1 "$PYTHON" -m pytest -p no:cacheprovider -m deploy "$PF_REPO/tests/deploy/test_systemd.py" -v -rA "$@"

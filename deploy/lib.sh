@@ -169,6 +169,24 @@ etcd_image() {
         || { tail -30 "$PF_DEPLOY_DIR/build-etcd.log" >&2; return 1; }
 }
 
+# For a CI script running tests on the stack: on exit, stop the private etcd
+# and dockerd (not an engine DOCKER_HOST named; PF_KEEP=1 keeps both) and log
+# how long NAME took.
+stop_stack_on_exit() {  # stop_stack_on_exit NAME
+    PF_RUN_NAME=$1 PF_RUN_START=$SECONDS PF_RUN_EXTERNAL="${DOCKER_HOST:-}"
+    trap _stop_stack EXIT
+}
+
+_stop_stack() {
+    local rc=$?
+    if [[ "${PF_KEEP:-0}" != 1 ]]; then
+        etcd_down
+        [[ -n "$PF_RUN_EXTERNAL" ]] || dockerd_down
+    fi
+    log "$PF_RUN_NAME: $((SECONDS - PF_RUN_START)) s in all (exit $rc)"
+    exit $rc
+}
+
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: until COMMAND succeeds
     local deadline=$((SECONDS + $1)) what=$2
     shift 2

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.helpers import docker_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,3 +41,18 @@ def deploy_stack() -> Iterator[dict[str, str]]:
     finally:
         if started_here:
             subprocess.run([str(REPO / "deploy" / "stack.sh"), "down"], timeout=120, check=False)
+
+
+@pytest.fixture
+def containers(deploy_stack: dict[str, str]) -> Iterator[list[str]]:
+    """Names of the containers a test starts; removed after it."""
+    names: list[str] = []
+    yield names
+    for name in reversed(names):
+        subprocess.run(
+            ["docker", "rm", "-f", name],
+            env=docker_env(deploy_stack),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )

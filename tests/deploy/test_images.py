@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,21 +23,6 @@ from tests.deploy.helpers import docker, docker_env, free_port, get, inspect, wa
 pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 
 SIZE_LIMIT_MB = 250  # on the local Debian base; the goal on python:3.12-slim is 150
-
-
-@pytest.fixture
-def containers(deploy_stack: dict[str, str]) -> Iterator[list[str]]:
-    """Names of the containers a test starts; removed (with their logs shown) after it."""
-    names: list[str] = []
-    yield names
-    for name in reversed(names):
-        subprocess.run(
-            ["docker", "rm", "-f", name],
-            env=docker_env(deploy_stack),
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
 
 
 @pytest.mark.parametrize("image, command", [("REGISTRAR", "register"), ("DISCOVERER", "discover")])

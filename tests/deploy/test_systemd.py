@@ -175,20 +175,6 @@ def host(deploy_stack: dict[str, str]) -> Iterator[Host]:
         )
 
 
-@pytest.fixture
-def whoamis(deploy_stack: dict[str, str]) -> Iterator[list[str]]:
-    names: list[str] = []
-    yield names
-    for name in names:
-        subprocess.run(
-            ["docker", "rm", "-f", name],
-            env=docker_env(deploy_stack),
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-
-
 def start_whoami(stack: dict[str, str], names: list[str], tag: str) -> tuple[int, str]:
     """A whoami on the engine, routed on a free port; (port, its hostname)."""
     port, name = free_port(), f"pf-sd-whoami-{tag}-{uuid.uuid4().hex[:6]}"
@@ -214,12 +200,12 @@ def assert_routed(host: Host, port: int, hostname: str) -> None:
 
 
 def test_units_start_notify_and_route_a_container(
-    host: Host, deploy_stack: dict[str, str], whoamis: list[str]
+    host: Host, deploy_stack: dict[str, str], containers: list[str]
 ) -> None:
     for unit in UNITS:
         assert host.show(unit, "Type") == "notify"
         assert host.show(unit, "NRestarts") == "0", host.journal()
-    port, hostname = start_whoami(deploy_stack, whoamis, "plain")
+    port, hostname = start_whoami(deploy_stack, containers, "plain")
     assert_routed(host, port, hostname)
 
 
@@ -265,7 +251,7 @@ def tls_etcd() -> Iterator[tuple[Etcd, TlsFiles]]:
 def test_etcd_tls_through_load_credential(
     host: Host,
     deploy_stack: dict[str, str],
-    whoamis: list[str],
+    containers: list[str],
     tls_etcd: tuple[Etcd, TlsFiles],
 ) -> None:
     """The unit's commented TLS block, switched on: root's 0600 key reaches the dynamic user."""
@@ -293,7 +279,7 @@ def test_etcd_tls_through_load_credential(
     assert registrar_uid != "0"
     assert host.sh("stat -c %U:%a /etc/pilotfish/tls/client-key.pem") == "root:600"
 
-    port, hostname = start_whoami(deploy_stack, whoamis, "tls")
+    port, hostname = start_whoami(deploy_stack, containers, "tls")
     assert_routed(host, port, hostname)
     tls = [f"--cacert={files.ca}", f"--cert={files.client_cert}", f"--key={files.client_key}"]
     keys = subprocess.run(
