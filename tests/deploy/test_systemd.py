@@ -26,6 +26,7 @@ name=systemd hierarchy).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import uuid
@@ -121,7 +122,7 @@ def host(deploy_stack: dict[str, str]) -> Iterator[Host]:
     tag = uuid.uuid4().hex[:8]
     host = Host(deploy_stack, f"pf-systemd-{tag}", f"/systemd-{tag}")
     socket = deploy_stack["PF_DOCKER_SOCKET"]
-    docker(
+    container = docker(
         deploy_stack,
         "run", "-d", "--name", host.name,
         "--net", "host",
@@ -173,6 +174,15 @@ def host(deploy_stack: dict[str, str]) -> Iterator[Host]:
             timeout=60,
             check=False,
         )
+        _remove_cgroups(container)
+
+
+def _remove_cgroups(container: str) -> None:
+    """The cgroups the container's systemd made in the host's hierarchy outlive it (empty)."""
+    for top in Path("/sys/fs/cgroup").glob(f"*/docker/{container}"):
+        for directory in sorted(top.glob("**/"), key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def start_whoami(stack: dict[str, str], names: list[str], tag: str) -> tuple[int, str]:
