@@ -27,8 +27,10 @@ name=systemd hierarchy).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,7 +111,8 @@ class Host:
 
 @pytest.fixture(scope="module")
 def host(deploy_stack: dict[str, str]) -> Iterator[Host]:
-    env = {**docker_env(deploy_stack), "PYTHON": str(REPO / ".venv" / "bin" / "python")}
+    # The caller's environment (pip index settings, PF_*), this engine, this Python.
+    env = {**os.environ, **docker_env(deploy_stack), "PYTHON": sys.executable}
     image = subprocess.run(
         [str(REPO / "deploy" / "build-systemd-host.sh")],
         env=env,
@@ -164,7 +167,7 @@ def host(deploy_stack: dict[str, str]) -> Iterator[Host]:
         host.wait_active()
         yield host
     finally:
-        log = Path(deploy_stack.get("PF_DEPLOY_DIR", "/tmp/pilotfish-deploy")) / "systemd-host.log"
+        log = Path(os.environ.get("PF_DEPLOY_DIR", "/tmp/pilotfish-deploy")) / "systemd-host.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(host.journal())
         subprocess.run(
