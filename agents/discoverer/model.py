@@ -94,7 +94,8 @@ class CatalogBuilder:
     to one service costs that service plus a pass over the services, not a
     sort of every instance: at 10,000 instances over 1,000 services, about
     2 ms instead of 27. Told which keys changed, it skips the identity pass
-    over every instance too (1 ms). An unchanged service is the *same*
+    over every instance, and when the changed services keep their ports, the
+    merge over every service too: 0.2 ms. An unchanged service is the *same*
     :class:`Service` object as in the previous catalog, which lets the
     HAProxy side skip it. Catalogs share these objects: treat them as read-only.
     """
