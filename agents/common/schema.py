@@ -5,20 +5,21 @@ Value:        the JSON of :class:`Instance`, with a ``version`` field.
 
 The registrar writes only through :func:`instance_key` and
 :meth:`Instance.to_json`; the discoverer reads only through :func:`parse_entry`.
-Every string that may later reach an HAProxy configuration line or a runtime
-command is held to a strict pattern here, so that a container label can never
-inject HAProxy configuration: the renderer can trust an ``Instance``.
+Every field that may later reach an HAProxy configuration line or a runtime
+command is held to the allow-list of :mod:`agents.common.validation`, which
+the renderer and the runtime commands check again; sizes are bounded before
+a value is parsed.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,20 +27,38 @@ from pydantic import (
     ValidationError,
 )
 
-SCHEMA_VERSION: Literal[1] = 1
+from agents.common import validation
+from agents.common.validation import (
+    ATTRIBUTE_KEY_PATTERN,
+    ATTRIBUTE_VALUE_PATTERN,
+    CONTAINER_ID_PATTERN,
+    CONTAINER_NAME_PATTERN,
+    IMAGE_PATTERN,
+    MAX_ATTRIBUTES,
+    MAX_KEY_BYTES,
+    MAX_TAGS,
+    MAX_VALUE_BYTES,
+    NAME_PATTERN,
+    PREFIX_PATTERN,
+    TAG_PATTERN,
+)
 
-# Names that become etcd path segments and HAProxy backend/server names:
-# no whitespace, quotes, '#', '/', or anything HAProxy's parser treats specially.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,62}$"
-ATTRIBUTE_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-# Attribute values never reach HAProxy verbatim, but they are shown in logs and
-# admin pages: printable, no whitespace or quotes.
-ATTRIBUTE_VALUE_PATTERN = r"^[A-Za-z0-9_.:/@+=,%-]{0,255}$"
-CONTAINER_ID_PATTERN = r"^[0-9a-f]{12,64}$"
-CONTAINER_NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,127})?$"
-IMAGE_PATTERN = r"^[A-Za-z0-9_.:/@+-]{0,255}$"
-PREFIX_PATTERN = r"^(/[A-Za-z0-9_.-]+)+$"
+__all__ = [
+    "ATTRIBUTE_KEY_PATTERN",
+    "ATTRIBUTE_VALUE_PATTERN",
+    "NAME_PATTERN",
+    "PREFIX_PATTERN",
+    "TAG_PATTERN",
+    "Instance",
+    "SchemaError",
+    "instance_key",
+    "parse_entry",
+    "parse_key",
+    "services_prefix",
+    "validate_prefix",
+]
+
+SCHEMA_VERSION: Literal[1] = 1
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
@@ -50,15 +69,8 @@ ContainerName = Annotated[str, StringConstraints(pattern=CONTAINER_NAME_PATTERN)
 Image = Annotated[str, StringConstraints(pattern=IMAGE_PATTERN)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Weight = Annotated[int, Field(ge=0, le=256)]
-
-
-def _ip_literal(value: str) -> str:
-    # HAProxy never resolves a dynamic server's hostname: only IP literals work,
-    # and normalising them keeps one spelling per address.
-    return str(ipaddress.ip_address(value))
-
-
-IpAddress = Annotated[str, AfterValidator(_ip_literal)]
+# One spelling per address, no IPv6 scope text (see validation.ip_literal).
+IpAddress = Annotated[str, AfterValidator(validation.ip_literal)]
 
 Health = Literal["none", "starting", "healthy", "unhealthy"]
 State = Literal["up", "draining"]
@@ -68,7 +80,8 @@ Mode = Literal["tcp", "http"]
 class Instance(BaseModel):
     """One published port of one container on one host: a backend server."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # strict: no coercion of hostile JSON ("80" or 80.0 for a port, 1 for true).
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
     version: Literal[1] = SCHEMA_VERSION
     service: Name
@@ -81,8 +94,10 @@ class Instance(BaseModel):
     container_name: ContainerName = ""
     image: Image = ""
     image_id: Image = ""
-    tags: tuple[Tag, ...] = ()
-    attributes: dict[AttributeKey, AttributeValue] = Field(default_factory=dict)
+    tags: tuple[Tag, ...] = Field((), max_length=MAX_TAGS)
+    attributes: dict[AttributeKey, AttributeValue] = Field(
+        default_factory=dict, max_length=MAX_ATTRIBUTES
+    )
     health: Health = "none"
     state: State = "up"
     # How consumers should route to it (labels pilotfish.mode / .weight /
@@ -91,7 +106,9 @@ class Instance(BaseModel):
     weight: Weight = 100
     check: bool = False
     frontend_port: Port | None = None
-    registered_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # Informational (shown, and the registration-latency metric): decisions
+    # between instances use etcd's create_revision, which no registrar sets.
+    registered_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def key_suffix(self) -> str:
@@ -100,7 +117,7 @@ class Instance(BaseModel):
     @property
     def server_name(self) -> str:
         """HAProxy server name: unique per backend and stable across restarts."""
-        return f"{self.host_id}_{self.container_id[:12]}_{self.private_port}"
+        return validation.server_name(self.host_id, self.container_id, self.private_port)
 
     @property
     def bind_port(self) -> int:
@@ -159,7 +176,12 @@ def parse_entry(prefix: str, key: bytes | str, value: bytes | str) -> Instance:
     Raises :class:`SchemaError` with a one-line reason for anything else.
     """
     key_text = key.decode(errors="replace") if isinstance(key, bytes) else key
+    if len(key_text) > MAX_KEY_BYTES:
+        raise SchemaError(f"key {key_text[:80]!r}... is longer than {MAX_KEY_BYTES} bytes")
     service, host, container, port = parse_key(prefix, key_text)
+    if len(value) > MAX_VALUE_BYTES:
+        size = len(value)
+        raise SchemaError(f"key {key_text!r}: value of {size} bytes exceeds {MAX_VALUE_BYTES}")
     try:
         instance = Instance.model_validate_json(value)
     except ValidationError as exc:
