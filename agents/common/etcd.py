@@ -61,6 +61,18 @@ def is_lease_not_found(error: BaseException) -> bool:
     return "lease not found" in str(error)
 
 
+def is_refused_for_good(error: BaseException) -> bool:
+    """etcd (or gRPC) refuses the request itself: sending it again cannot help.
+
+    etcd answers INVALID_ARGUMENT ("request is too large", …); gRPC refuses a
+    message over its size limits before it leaves (RESOURCE_EXHAUSTED).
+    """
+    text = str(error)
+    return isinstance(error, aetcd.exceptions.InvalidArgumentError) or (
+        "too large" in text or "larger than max" in text
+    )
+
+
 def grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
     """(host, port) for aetcd, which joins them as ``host:port``.
 

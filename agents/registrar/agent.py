@@ -46,6 +46,8 @@ WITHDRAW_ACTIONS = frozenset({"die", "pause", "destroy"})
 # How long a stop/kill waits for etcd to hold the drain before the die may
 # delete it: long enough for a healthy etcd, short enough not to stall the lane.
 DRAIN_WRITE_WAIT = 1.0
+# /healthz names at most this many refusals (the metrics count them all).
+MAX_LISTED = 100
 
 
 class Metrics:
@@ -75,6 +77,11 @@ class Metrics:
         )
         self.refusals = Counter(
             f"{ns}_refusals", "Labels or variables refused", registry=self.registry
+        )
+        self.quarantined = Counter(
+            f"{ns}_quarantined_keys",
+            "Registrations etcd refused for good (not retried until they change)",
+            registry=self.registry,
         )
         self.latency = Histogram(
             f"{ns}_event_to_etcd_seconds",
@@ -246,8 +253,33 @@ class Registrar:
             },
             "registrations": len(self.sink.desired),
             "pending_writes": self.sink.backlog,
+            # Refused one by one: the rest of the host is not held up by them.
+            "quarantined": self.quarantined()[:MAX_LISTED],
         }
         return self.docker.connected and etcd_ok, details
+
+    def quarantined(self) -> list[dict[str, str]]:
+        """What was not registered as asked: keys etcd refused, labels we refused."""
+        entries = [
+            {"key": key, "reason": entry.reason}
+            for key, entry in sorted(self.sink.quarantined.items())
+        ]
+        for container_id in sorted(self._refusals_logged):
+            for refusal in sorted(self._refusals_logged[container_id], key=_refusal_order):
+                entries.append(
+                    {
+                        "container": container_id[:12],
+                        "name": refusal.container_name,
+                        "label": refusal.label,
+                        "reason": refusal.reason,
+                        "skipped": refusal.skipped,
+                    }
+                )
+        return entries
+
+
+def _refusal_order(refusal: Refusal) -> tuple[str, str]:
+    return refusal.label, refusal.reason
 
 
 def _hooks(metrics: Metrics) -> SinkHooks:
@@ -265,6 +297,7 @@ def _hooks(metrics: Metrics) -> SinkHooks:
         on_error=lambda _error: metrics.etcd_errors.inc(),
         on_new_lease=on_new_lease,
         on_recovered=lambda: metrics.reconnects.labels("etcd").inc(),
+        on_quarantined=lambda _key: metrics.quarantined.inc(),
     )
 
 

@@ -8,6 +8,10 @@ when etcd returns. On every new lease (startup, or the old one expired),
 the flusher lists ``<prefix>/services/`` and reconciles this host's keys:
 keys of containers that are gone are deleted, keys of running containers
 are re-put on the new lease without ever being deleted.
+
+A key etcd refuses for good (too large, …) is quarantined: dropped from the
+writes, named in the log and in ``quarantined``, retried only when its value
+changes. It never holds up the other keys nor makes the sink "failing".
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agents.common.backoff import Backoff
-from agents.common.etcd import Etcd, EtcdError, LeaseKeeper, is_lease_not_found
+from agents.common.etcd import (
+    Etcd,
+    EtcdError,
+    LeaseKeeper,
+    is_lease_not_found,
+    is_refused_for_good,
+)
 from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.schema import Instance, instance_key, services_prefix
 from agents.registrar.model import Plan, owned_by, reconcile
@@ -35,6 +45,15 @@ class SinkHooks:
     on_error: Callable[[BaseException], None] = lambda _error: None
     on_new_lease: Callable[[int], None] = lambda _lease: None
     on_recovered: Callable[[], None] = lambda: None
+    on_quarantined: Callable[[str], None] = lambda _key: None
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A registration etcd refused for good, and etcd's reason."""
+
+    instance: Instance
+    reason: str
 
 
 @dataclass
@@ -71,6 +90,7 @@ class EtcdSink:
         # but to be rewritten (another lease, or unreadable).
         self.written: dict[str, Instance | None] = {}
         self._pending = _Pending()
+        self.quarantined: dict[str, Quarantined] = {}
         self._loaded = False  # no deletes before the first Docker snapshot
         self._need_full_sync = True
         self._wake = asyncio.Event()
@@ -97,10 +117,12 @@ class EtcdSink:
         changed = [k for k in old_keys if k not in wanted]
         for key in changed:
             del self.desired[key]
+            self.quarantined.pop(key, None)
         for key, instance in wanted.items():
             current = self.desired.get(key)
             if current is None or not current.same_registration(instance):
                 self.desired[key] = instance
+                self.quarantined.pop(key, None)  # a new value gets a new chance
                 changed.append(key)
         if wanted:
             self._by_container[container_id] = set(wanted)
@@ -156,7 +178,7 @@ class EtcdSink:
                 if self._need_full_sync:
                     await self._full_sync()
                 await self._flush()
-            except EtcdError as error:
+            except Exception as error:  # a bug must not end the agent: retry
                 self._failed(error)
                 await backoff.wait()
                 self._wake.set()
@@ -190,6 +212,8 @@ class EtcdSink:
     async def _flush(self) -> None:
         """Write every pending key; a failure leaves the rest pending."""
         while self._pending.since and not self._need_full_sync:
+            for key in self.quarantined.keys() & self._pending.since.keys():
+                del self._pending.since[key]
             keys = list(self._pending.since)
             desired = {k: self.desired[k] for k in keys if k in self.desired}
             actual = {k: self.written[k] for k in keys if k in self.written}
@@ -205,13 +229,20 @@ class EtcdSink:
         lease = self.keeper.lease_id
 
         async def put(key: str) -> None:
-            instance = self.desired[key]
             async with limit:
+                # Read now: the container may have gone since the plan was made
+                # (its key then stays pending, and the next round deletes it).
+                instance = self.desired.get(key)
+                if instance is None:
+                    return
                 try:
                     await self.etcd.put(key, instance.to_json(), lease=lease)
                 except EtcdError as error:
                     if is_lease_not_found(error):
                         self.keeper.mark_lost()
+                    elif is_refused_for_good(error):
+                        self._quarantine(key, instance, describe(error))
+                        return
                     raise
             self.written[key] = instance
             self._done(key, instance)
@@ -230,6 +261,12 @@ class EtcdSink:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    def _quarantine(self, key: str, instance: Instance, reason: str) -> None:
+        self.quarantined[key] = Quarantined(instance, reason)
+        self._pending.since.pop(key, None)
+        self.hooks.on_quarantined(key)
+        log.warning("etcd refused a registration, quarantined", key=key, reason=reason)
 
     def _done(self, key: str, written: Instance | None) -> None:
         current = self.desired.get(key)
@@ -257,8 +294,12 @@ class EtcdSink:
         self.failing = True
         self.last_error = describe(error)
         self.hooks.on_error(error)
-        if self._quiet.should_log("etcd"):
+        if not self._quiet.should_log("etcd"):
+            return
+        if isinstance(error, EtcdError):
             log.warning("etcd write failed, retrying", error=self.last_error, pending=self.backlog)
+        else:
+            log.error("etcd writes failed on a bug, retrying", pending=self.backlog, exc_info=error)
 
     def _recovered(self) -> None:
         if self.failing:
