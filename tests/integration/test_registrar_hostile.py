@@ -27,6 +27,7 @@ from registrar_kit import (
 from agents.common.etcd import Etcd
 from agents.common.schema import Instance, instance_key
 from agents.common.settings import RegistrarSettings
+from agents.common.validation import MAX_TAGS, MAX_VALUE_BYTES
 from agents.registrar.etcd_sink import EtcdSink
 from tests.stack import Etcd as EtcdServer
 
@@ -129,3 +130,27 @@ async def test_a_value_etcd_refuses_is_quarantined_and_the_rest_flows(
         late = await docker.run(whoami)  # writes keep flowing after the refusal
         await eventually(lambda: view.of_container(late), within=10)
         assert await healthy(settings.admin_address)
+
+
+# --- what containers carry ---------------------------------------------------------------
+
+
+async def test_oversized_labels_are_bounded_or_refused_where_they_enter(
+    docker: DockerCli, etcd_endpoint: str, reg_prefix: str, view: EtcdView, whoami: str
+) -> None:
+    settings = settings_for(docker, etcd_endpoint, reg_prefix)
+    tags = ",".join(f"t{n}" for n in range(MAX_TAGS + 20))
+    # 64 attributes of 255 characters: each one valid, together over 16 KiB.
+    huge = [f"-lpilotfish.attr.{'k' * 50}{n:02d}={'v' * 255}" for n in range(64)]
+    async with registrar(settings):
+        many_tags = await docker.run(whoami, "-l", f"pilotfish.tags={tags}")
+        too_big = await docker.run(whoami, *huge)
+        witness = await docker.run(whoami)
+        await eventually(lambda: view.of_container(witness), within=10)
+        (registered,) = (await eventually(lambda: view.of_container(many_tags))).values()
+        assert registered.tags == tuple(f"t{n}" for n in range(MAX_TAGS))
+        assert await view.of_container(too_big) == {}
+        health = await eventually(lambda: healthy(settings.admin_address))
+        reasons = {e.get("container"): e["reason"] for e in health["quarantined"]}
+        assert str(MAX_VALUE_BYTES) in reasons[too_big[:12]]
+        assert str(MAX_TAGS) in reasons[many_tags[:12]]
