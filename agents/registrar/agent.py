@@ -28,6 +28,7 @@ from agents.common.logging import describe, get_logger
 from agents.common.settings import RegistrarSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.registrar.docker_source import (
+    INSPECT,
     ContainerEvent,
     DockerSource,
     DockerUnavailable,
@@ -41,7 +42,7 @@ log = get_logger("pilotfish.registrar")
 # A kill with one of these (or a stop) means the process is going away; other
 # signals (HUP to reload, USR1 …) leave the registration alone.
 STOP_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
-INSPECT_ACTIONS = frozenset({"start", "unpause", "health_status", "restart"})
+INSPECT_ACTIONS = frozenset({"start", "unpause", "health_status", "restart", INSPECT})
 WITHDRAW_ACTIONS = frozenset({"die", "pause", "destroy"})
 # How long a stop/kill waits for etcd to hold the drain before the die may
 # delete it: long enough for a healthy etcd, short enough not to stall the lane.
