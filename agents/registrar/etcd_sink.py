@@ -9,6 +9,10 @@ the flusher lists ``<prefix>/services/`` and reconciles this host's keys:
 keys of containers that are gone are deleted, keys of running containers
 are re-put on the new lease without ever being deleted.
 
+A registration keeps the time it was first made while its key exists: a
+rewrite (drain, health, a new lease, a restart of the registrar) carries it
+over, from the desired state or from the value found in etcd.
+
 A key etcd refuses for good (too large, …) is quarantined: dropped from the
 writes, named in the log and in ``quarantined``, retried only when its value
 changes. It never holds up the other keys nor makes the sink "failing".
@@ -31,7 +35,13 @@ from agents.common.etcd import (
     is_refused_for_good,
 )
 from agents.common.logging import OnceEvery, describe, get_logger
-from agents.common.schema import Instance, instance_key, services_prefix
+from agents.common.schema import (
+    Instance,
+    SchemaError,
+    instance_key,
+    parse_entry,
+    services_prefix,
+)
 from agents.registrar.model import Plan, owned_by, reconcile
 
 log = get_logger("pilotfish.sink")
@@ -112,7 +122,7 @@ class EtcdSink:
         self, container_id: str, instances: list[Instance], since_ns: int | None = None
     ) -> list[str]:
         """Make ``instances`` the registrations of ``container_id``; the keys that change."""
-        wanted = {self.key_of(i): i for i in instances}
+        wanted = {self.key_of(i): self._keep_registered_at(i) for i in instances}
         old_keys = self._by_container.pop(container_id, set())
         changed = [k for k in old_keys if k not in wanted]
         for key in changed:
@@ -130,6 +140,24 @@ class EtcdSink:
         if changed:
             self._wake.set()
         return changed
+
+    def _keep_registered_at(self, instance: Instance) -> Instance:
+        current = self.desired.get(self.key_of(instance))
+        if current is None or current.registered_at == instance.registered_at:
+            return instance
+        return instance.model_copy(update={"registered_at": current.registered_at})
+
+    def _adopt_registered_at(self, key: str, value: bytes) -> None:
+        """A key this host wrote before (last run, last lease) keeps its time."""
+        wanted = self.desired.get(key)
+        if wanted is None:
+            return
+        try:
+            found = parse_entry(self.prefix, key, value)
+        except SchemaError:
+            return
+        if found.registered_at < wanted.registered_at:
+            self.desired[key] = wanted.model_copy(update={"registered_at": found.registered_at})
 
     def replace_all(self, containers: dict[str, list[Instance]]) -> None:
         """A full Docker snapshot: everything not in it is withdrawn."""
@@ -194,6 +222,7 @@ class EtcdSink:
             key = item.key.decode(errors="replace")
             if owned_by(self.prefix, key, self.host_id):
                 found[key] = item.value if item.lease == lease else None
+                self._adopt_registered_at(key, item.value)
         plan = reconcile(self.desired, found, self.prefix, self.host_id)
         # Keys that already hold the desired value on this lease need no
         # write; every other key found is to be rewritten (None) or deleted.
