@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import socket
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
@@ -35,6 +37,8 @@ from agents.registrar.docker_source import (
     Snapshot,
 )
 from agents.registrar.etcd_sink import EtcdSink, SinkHooks
+from agents.registrar.host_claim import HostClaim
+from agents.registrar.identity import Engine, Holder, default_host_id
 from agents.registrar.model import ContainerInfo, Refusal, desired_instances, draining
 
 log = get_logger("pilotfish.registrar")
@@ -305,12 +309,17 @@ def _hooks(metrics: Metrics) -> SinkHooks:
 async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
     metrics = Metrics()
     async with Etcd(settings) as etcd, DockerSource(settings.docker_host) as docker:
+        engine = await docker.engine()
+        settings = settings.model_copy(
+            update={"host_id": settings.host_id or default_host_id(engine)}
+        )
         sink = EtcdSink(
             etcd,
             prefix=settings.prefix,
             host_id=settings.host_id,
             ttl=settings.ttl,
             hooks=_hooks(metrics),
+            claim=_host_claim(etcd, settings, engine).make,
         )
         registrar = Registrar(settings, docker, sink, metrics)
         admin = AdminServer(settings.admin_address, registrar.health, metrics.registry)
@@ -337,6 +346,11 @@ async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
                 await _deregister(sink)
             await admin.stop()
     log.info("registrar stopped", deregistered=settings.deregister_on_exit)
+
+
+def _host_claim(etcd: Etcd, settings: RegistrarSettings, engine: Engine) -> HostClaim:
+    holder = Holder.of(engine, socket.gethostname(), os.getpid(), datetime.now(UTC))
+    return HostClaim(etcd, settings.prefix, settings.host_id, holder)
 
 
 async def _ready_when_synced(sink: EtcdSink) -> None:

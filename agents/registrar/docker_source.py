@@ -32,6 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, describe, get_logger
+from agents.registrar.identity import Engine
 from agents.registrar.model import ContainerInfo, container_from_inspect
 
 log = get_logger("pilotfish.docker")
@@ -184,6 +185,18 @@ class DockerSource:
 
         found = await asyncio.gather(*(inspect(item["Id"]) for item in listing))
         return [c for c in found if c is not None]
+
+    async def engine(self) -> Engine:
+        """The engine's identity (``/info``); waits, with backoff, until dockerd answers."""
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            try:
+                return Engine.from_info(await self._json("info"))
+            except DockerUnavailable as error:
+                self.last_error = str(error)
+                if self._quiet.should_log("docker"):
+                    log.warning("docker unavailable, waiting for it", error=str(error))
+            await backoff.wait()
 
     async def ping(self) -> None:
         try:

@@ -2,7 +2,8 @@
 
 Writes never block the caller: :meth:`EtcdSink.set_container` updates the
 desired state and wakes the flusher, which writes the changed keys on the
-registrar's one lease with bounded concurrency. While etcd is away, the
+registrar's one lease with bounded concurrency. Nothing is written on a lease
+before ``claim`` (the host id claim) has been made on it. While etcd is away, the
 desired state is kept and the flusher retries with backoff; it converges
 when etcd returns. On every new lease (startup, or the old one expired),
 the flusher lists ``<prefix>/services/`` and reconciles this host's keys:
@@ -21,9 +22,8 @@ changes. It never holds up the other keys nor makes the sink "failing".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from agents.common.backoff import Backoff
@@ -87,6 +87,7 @@ class EtcdSink:
         ttl: int,
         concurrency: int = 64,
         hooks: SinkHooks | None = None,
+        claim: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.etcd = etcd
         self.prefix = prefix
@@ -94,6 +95,8 @@ class EtcdSink:
         self.concurrency = concurrency
         self.hooks = hooks or SinkHooks()
         self.keeper = LeaseKeeper(etcd, ttl, self._new_lease, self.hooks.on_error)
+        self.claim = claim
+        self.lease: int | None = None  # the keeper's lease, once claimed: keys go on it
         self.desired: dict[str, Instance] = {}
         self._by_container: dict[str, set[str]] = {}
         # What etcd holds for this host on the current lease; None = present
@@ -179,28 +182,52 @@ class EtcdSink:
     # --- running ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        keeper = asyncio.create_task(self.keeper.run(), name="lease-keeper")
+        """Until cancelled, or until the host claim is refused (HostIdTaken)."""
+        tasks = [
+            asyncio.create_task(self.keeper.run(), name="lease-keeper"),
+            asyncio.create_task(self._flush_forever(), name="etcd-flusher"),
+        ]
         try:
-            await self._flush_forever()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _new_lease(self, lease_id: int) -> None:
         # Everything written on the old lease is gone or going: list and
         # re-put on this one (no deletes for keys that stay desired).
+        self.lease = None
         self.written.clear()
         self._need_full_sync = True
         self.hooks.on_new_lease(lease_id)
-        self._wake.set()
+        if await self._claimed(lease_id):
+            self.lease = lease_id
+            self._wake.set()
+
+    async def _claimed(self, lease_id: int) -> bool:
+        """Make the claim on ``lease_id``, retrying etcd errors; False if the lease went."""
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while self.claim is not None:
+            try:
+                await self.claim(lease_id)
+                break
+            except EtcdError as error:
+                if is_lease_not_found(error):
+                    self.keeper.mark_lost()  # the keeper grants another and we come back
+                    return False
+                self._failed(error)
+                await backoff.wait()
+        return True
 
     async def _flush_forever(self) -> None:
         backoff = Backoff(initial=0.05, maximum=2.0)
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._loaded or self.keeper.lease_id is None:
+            if not self._loaded or self.lease is None:
                 continue
             try:
                 if self._need_full_sync:
@@ -215,7 +242,7 @@ class EtcdSink:
             self._recovered()
 
     async def _full_sync(self) -> None:
-        lease = self.keeper.lease_id
+        lease = self.lease
         _revision, items = await self.etcd.get_prefix(services_prefix(self.prefix))
         found: dict[str, Instance | bytes | None] = {}
         for item in items:
@@ -255,7 +282,7 @@ class EtcdSink:
 
     async def _write(self, plan: Plan) -> None:
         limit = asyncio.Semaphore(self.concurrency)
-        lease = self.keeper.lease_id
+        lease = self.lease
 
         async def put(key: str) -> None:
             async with limit:

@@ -196,7 +196,9 @@ async def registrar(settings: RegistrarSettings) -> AsyncIterator[asyncio.Event]
             await task
 
 
-async def registrar_process(settings: RegistrarSettings) -> asyncio.subprocess.Process:
+async def registrar_process(
+    settings: RegistrarSettings, stderr: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
     """``python -m agents register`` with the same settings, as flags."""
     flags = [
         f"--{name.replace('_', '-')}={value}"
@@ -215,7 +217,7 @@ async def registrar_process(settings: RegistrarSettings) -> asyncio.subprocess.P
         "register",
         *flags,
         cwd=REPO,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
     )
 
 
