@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiodocker
 import pytest
 from registrar_kit import (
     DockerCli,
@@ -31,7 +30,6 @@ from agents.common.settings import RegistrarSettings
 from agents.common.validation import MAX_TAGS, MAX_VALUE_BYTES
 from agents.registrar import docker_source
 from agents.registrar.etcd_sink import EtcdSink
-from tests.conftest import TEST_LABELS
 from tests.stack import Etcd as EtcdServer
 
 pytestmark = pytest.mark.integration
@@ -159,33 +157,6 @@ async def test_oversized_labels_are_bounded_or_refused_where_they_enter(
         assert str(MAX_TAGS) in reasons[many_tags[:12]]
 
 
-@contextlib.asynccontextmanager
-async def docker_api(url: str) -> AsyncIterator[aiodocker.Docker]:
-    client = aiodocker.Docker(url=url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-async def run_with_labels(docker: DockerCli, image: str, labels: dict[str, str]) -> str:
-    """``docker run`` through the API: a label can be longer than an argv string may be."""
-    async with docker_api(docker.url) as client:
-        container = await client.containers.run(
-            name=unique("t"),
-            config={
-                "Image": image,
-                "Labels": {**TEST_LABELS, **labels},
-                "ExposedPorts": {"8080/tcp": {}},
-                "HostConfig": {
-                    "PortBindings": {"8080/tcp": [{"HostIp": docker.publish_ip, "HostPort": ""}]}
-                },
-            },
-        )
-    docker.started.append(container.id)
-    return str(container.id)
-
-
 @pytest.mark.parametrize("bound", ["within", "over"])
 async def test_an_event_line_longer_than_aiohttp_allows_neither_reconnects_nor_is_lost(
     bound: str,
@@ -203,7 +174,7 @@ async def test_an_event_line_longer_than_aiohttp_allows_neither_reconnects_nor_i
     settings = settings_for(docker, etcd_endpoint, reg_prefix)
     async with registrar(settings):
         await eventually(lambda: healthy(settings.admin_address), within=5)
-        long_lines = await run_with_labels(docker, whoami, {"blob": "x" * 1_000_000})
+        long_lines = await docker.run_api(whoami, {"blob": "x" * 1_000_000})
         await eventually(lambda: view.of_container(long_lines), within=10)
         witness = await docker.run(whoami)
         await eventually(lambda: view.of_container(witness), within=10)
