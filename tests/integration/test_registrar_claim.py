@@ -135,3 +135,21 @@ async def test_the_default_host_id_comes_from_the_engine_and_differs_between_eng
             assert len(hosts) == 2
     finally:
         await docker_b.cleanup()
+
+
+async def test_put_if_creates_only_when_absent_and_replaces_only_the_revision_seen(
+    view: EtcdView,
+) -> None:
+    key = f"{view.prefix}/hosts/put-if"
+    assert await view.etcd.put_if(key, b"first", mod_revision=0) == (True, None)
+    refused, current = await view.etcd.put_if(key, b"second", mod_revision=0)
+    assert not refused and current is not None and current.value == b"first"
+    lease = await view.etcd.grant(5)
+    taken_over = await view.etcd.put_if(
+        key, b"mine", mod_revision=current.mod_revision, lease=lease
+    )
+    assert taken_over == (True, None)
+    stale, now = await view.etcd.put_if(key, b"late", mod_revision=current.mod_revision)
+    assert not stale and now is not None and (now.value, now.lease) == (b"mine", lease)
+    await view.etcd.delete(key)
+    assert await view.etcd.put_if(key, b"late", mod_revision=now.mod_revision) == (False, None)
