@@ -266,8 +266,7 @@ class Registrar:
     def quarantined(self) -> list[dict[str, str]]:
         """What was not registered as asked: keys etcd refused, labels we refused."""
         entries = [
-            {"key": key, "reason": entry.reason}
-            for key, entry in sorted(self.sink.quarantined.items())
+            {"key": key, "reason": reason} for key, reason in sorted(self.sink.quarantined.items())
         ]
         for container_id in sorted(self._refusals_logged):
             for refusal in sorted(self._refusals_logged[container_id], key=_refusal_order):
@@ -309,7 +308,9 @@ def _hooks(metrics: Metrics) -> SinkHooks:
 async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
     metrics = Metrics()
     async with Etcd(settings) as etcd, DockerSource(settings.docker_host) as docker:
-        engine = await docker.engine()
+        engine = await _engine_unless_stopped(docker, stop)
+        if engine is None:
+            return
         settings = settings.model_copy(
             update={"host_id": settings.host_id or default_host_id(engine)}
         )
@@ -346,6 +347,17 @@ async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
                 await _deregister(sink)
             await admin.stop()
     log.info("registrar stopped", deregistered=settings.deregister_on_exit)
+
+
+async def _engine_unless_stopped(docker: DockerSource, stop: asyncio.Event) -> Engine | None:
+    """Docker's identity, waiting for Docker; None if told to stop meanwhile."""
+    asking = asyncio.create_task(docker.engine())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([asking, stopping], return_when=asyncio.FIRST_COMPLETED)
+    for task in (asking, stopping):
+        task.cancel()
+    await asyncio.gather(asking, stopping, return_exceptions=True)
+    return asking.result() if not asking.cancelled() else None
 
 
 def _host_claim(etcd: Etcd, settings: RegistrarSettings, engine: Engine) -> HostClaim:

@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +155,24 @@ async def test_put_if_creates_only_when_absent_and_replaces_only_the_revision_se
     assert not stale and now is not None and (now.value, now.lease) == (b"mine", lease)
     await view.etcd.delete(key)
     assert await view.etcd.put_if(key, b"late", mod_revision=now.mod_revision) == (False, None)
+
+
+async def test_waiting_for_docker_to_name_the_host_still_stops_on_sigterm(
+    docker: DockerCli, etcd_endpoint: str, reg_prefix: str, tmp_path: Path
+) -> None:
+    """The default host id needs Docker's /info; SIGTERM must not wait for Docker."""
+    nowhere = DockerCli(f"unix://{tmp_path}/no-docker.sock", publish_ip=docker.publish_ip)
+    settings = settings_for(nowhere, etcd_endpoint, reg_prefix, host_id="")
+    process = await registrar_process(settings, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(1.5)  # started, retrying /info
+        assert process.returncode is None
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(2):
+            _out, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()[-2000:]
+        assert b"docker unavailable, waiting for it" in stderr
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
