@@ -58,14 +58,6 @@ class SinkHooks:
     on_quarantined: Callable[[str], None] = lambda _key: None
 
 
-@dataclass(frozen=True, slots=True)
-class Quarantined:
-    """A registration etcd refused for good, and etcd's reason."""
-
-    instance: Instance
-    reason: str
-
-
 @dataclass
 class _Pending:
     """Keys to write, and since when each change was wanted (ns, for latency)."""
@@ -103,7 +95,7 @@ class EtcdSink:
         # but to be rewritten (another lease, or unreadable).
         self.written: dict[str, Instance | None] = {}
         self._pending = _Pending()
-        self.quarantined: dict[str, Quarantined] = {}
+        self.quarantined: dict[str, str] = {}  # key -> why etcd refused its value
         self._loaded = False  # no deletes before the first Docker snapshot
         self._need_full_sync = True
         self._wake = asyncio.Event()
@@ -297,7 +289,7 @@ class EtcdSink:
                     if is_lease_not_found(error):
                         self.keeper.mark_lost()
                     elif is_refused_for_good(error):
-                        self._quarantine(key, instance, describe(error))
+                        self._quarantine(key, describe(error))
                         return
                     raise
             self.written[key] = instance
@@ -318,8 +310,8 @@ class EtcdSink:
             if isinstance(result, BaseException):
                 raise result
 
-    def _quarantine(self, key: str, instance: Instance, reason: str) -> None:
-        self.quarantined[key] = Quarantined(instance, reason)
+    def _quarantine(self, key: str, reason: str) -> None:
+        self.quarantined[key] = reason
         self._pending.since.pop(key, None)
         self.hooks.on_quarantined(key)
         log.warning("etcd refused a registration, quarantined", key=key, reason=reason)

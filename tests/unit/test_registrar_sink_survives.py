@@ -45,7 +45,7 @@ async def test_a_key_etcd_refuses_for_good_is_quarantined_until_it_changes() -> 
         sink.replace_all({big.container_id: [big], small.container_id: [small]})
         await until(lambda: sink.backlog == 0)
         assert set(sink.quarantined) == {instance_key(PREFIX, big)}
-        assert "too large" in sink.quarantined[instance_key(PREFIX, big)].reason
+        assert "too large" in sink.quarantined[instance_key(PREFIX, big)]
         assert set(fake.kv) == {instance_key(PREFIX, small)} and not sink.failing
         puts = len(fake.log)
         sink.replace_all({big.container_id: [big], small.container_id: [small]})
