@@ -252,10 +252,34 @@ def desired_instances(
             skipped = "container" if container_wide else f"port {target.private_port}"
             refuse(refused.label, refused.reason, skipped)
             if skipped == "container":
-                return [], list(dict.fromkeys(refusals))
+                return [], _few(refusals)
             continue
         instances.append(instance)
-    return instances, list(dict.fromkeys(refusals))
+    return instances, _few(refusals)
+
+
+# Refusals named one by one per container; one container must not flood the log.
+MAX_REFUSALS = 16
+_MINOR = frozenset({"tag", "attribute"})
+
+
+def _few(refusals: list[Refusal]) -> list[Refusal]:
+    """At most MAX_REFUSALS dropped tags and attributes, and every skipped port or container."""
+    unique = list(dict.fromkeys(refusals))
+    minor = [r for r in unique if r.skipped in _MINOR]
+    if len(unique) <= MAX_REFUSALS or not minor:
+        return unique
+    vital = [r for r in unique if r.skipped not in _MINOR]
+    kept = minor[: max(MAX_REFUSALS - len(vital) - 1, 0)]
+    first = minor[0]
+    more = Refusal(
+        first.container_id,
+        first.container_name,
+        "labels",
+        f"{len(minor) - len(kept)} more tags or attributes refused",
+        "tag or attribute",
+    )
+    return [*kept, more, *vital]
 
 
 _CONTAINER_WIDE = frozenset(

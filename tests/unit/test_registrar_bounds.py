@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agents.common.schema import Instance
 from agents.common.validation import MAX_ATTRIBUTES, MAX_TAGS, MAX_VALUE_BYTES
-from agents.registrar.model import container_from_inspect, desired_instances
+from agents.registrar.model import MAX_REFUSALS, container_from_inspect, desired_instances
 from tests.unit.test_registrar_model import NOW, Opts, inspect_doc
 
 
@@ -47,3 +47,11 @@ def test_a_registration_at_the_limits_is_registered_whole() -> None:
     (instance,), refusals = registered(labels)
     assert refusals == []
     assert len(instance.to_json()) <= MAX_VALUE_BYTES
+
+
+def test_one_container_names_at_most_max_refusals_and_always_what_it_skipped() -> None:
+    bad_tags = ",".join(f"bad%{n}" for n in range(1000))
+    instances, refusals = registered({"pilotfish.tags": bad_tags, "pilotfish.mode": "udp\n"})
+    assert instances == [] and len(refusals) == MAX_REFUSALS
+    assert refusals[-1][0] == "pilotfish.mode" and refusals[-1][2] == "container"
+    assert refusals[-2] == ("labels", "986 more tags or attributes refused", "tag or attribute")
