@@ -246,6 +246,7 @@ class Registrar:
         )
         etcd_ok = lease_fresh and not self.sink.failing
         details: dict[str, object] = {
+            "host_id": self.settings.host_id,
             "docker": {
                 "connected": self.docker.connected,
                 "reconnects": self.docker.reconnects,
