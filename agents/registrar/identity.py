@@ -42,9 +42,9 @@ class Engine(BaseModel):
     @classmethod
     def from_info(cls, info: Mapping[str, Any]) -> Engine:
         return cls(
-            id=str(info.get("ID") or ""),
-            name=str(info.get("Name") or ""),
-            root_dir=str(info.get("DockerRootDir") or ""),
+            id=str(info.get("ID") or "")[:255],
+            name=str(info.get("Name") or "")[:255],
+            root_dir=str(info.get("DockerRootDir") or "")[:4096],
         )
 
     @property

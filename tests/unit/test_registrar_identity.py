@@ -125,3 +125,8 @@ async def test_a_refused_claim_ends_the_sink_before_any_write() -> None:
         async with asyncio.timeout(3):
             await sink.run()
     assert fake.log == []
+
+
+def test_any_info_document_makes_an_engine() -> None:
+    for info in ({}, {"ID": None, "Name": 5}, {"ID": "x" * 999, "Name": "n" * 999}):
+        assert re.fullmatch(NAME_PATTERN, default_host_id(Engine.from_info(info)))
