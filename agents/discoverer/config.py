@@ -164,13 +164,12 @@ def _stats_bind(value: str) -> str | None:
 def _stats_auth(value: tuple[str, str] | None) -> str | None:
     if value is None:
         return None
-    user, password = value
     try:
-        return f"{validation.credential(user, 'stats user')}:" + validation.credential(
-            password, "stats password"
-        )
-    except validation.Invalid as error:
+        user = validation.credential(value[0], "stats user")
+        password = validation.credential(value[1], "stats password")
+    except validation.Invalid as error:  # the message never shows the value
         raise ConfigError(str(error)) from None
+    return f"{user}:{password}"
 
 
 def _account(value: str | None, kind: str) -> str | None:
