@@ -29,7 +29,6 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -353,30 +352,32 @@ def check_settings(settings: DiscovererSettings) -> str | None:
     """Render an empty catalog and ``haproxy -c`` it: one line saying what fails, or None.
 
     Run once at start, so a template or a setting that cannot produce a valid
-    configuration stops the agent then, not at every later render.
+    configuration stops the agent then, not at every later render. The text
+    goes through a pipe: no file to clean up, and the stats password never
+    lands outside the state directory.
     """
     try:
         text = render_config({}, render_options(settings))
     except (ConfigError, jinja2.TemplateError) as error:
         return f"the HAProxy configuration cannot be rendered: {_one_line(str(error))}"
-    with tempfile.TemporaryDirectory(prefix="pilotfish-check-") as directory:
-        path = Path(directory) / "haproxy.cfg"
-        _write_private(path, text)
-        try:
-            check = subprocess.run(
-                [settings.haproxy_binary, "-c", "-f", str(path)],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=30,
-            )
-        except (OSError, subprocess.TimeoutExpired) as error:
-            return f"cannot run {settings.haproxy_binary} -c: {_one_line(str(error))}"
-    if check.returncode != 0:
-        output = (check.stdout + check.stderr).decode(errors="replace").replace(str(path), "")
-        alerts = [line for line in output.splitlines() if "[ALERT]" in line] or [output]
-        reason = re.sub(r"^\[ALERT\]\s*\(\d+\)\s*:\s*(config\s*:\s*)?", "", alerts[0].strip())
-        return f"haproxy -c refuses the rendered configuration: {_one_line(reason)}"
-    return None
+    try:
+        check = subprocess.run(
+            [settings.haproxy_binary, "-c", "-f", _STDIN],
+            input=text.encode(),
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot run {settings.haproxy_binary} -c: {_one_line(str(error))}"
+    output = (check.stdout + check.stderr).decode(errors="replace").replace(f"{_STDIN}:", "line ")
+    if check.returncode == 0 or (check.returncode == 2 and "has no error" in output):
+        return None  # 2: valid, but no listener yet (a template without a stats socket)
+    alerts = [line for line in output.splitlines() if "[ALERT]" in line] or [output]
+    reason = re.sub(r"^\[ALERT\]\s*\(\d+\)\s*:\s*(config\s*:\s*)?", "", alerts[0].strip())
+    return f"haproxy -c refuses the rendered configuration: {_one_line(reason)}"
+
+
+_STDIN = "/dev/stdin"
 
 
 def _one_line(text: str) -> str:
