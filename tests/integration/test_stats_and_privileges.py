@@ -21,6 +21,7 @@ import pytest
 from agents.common.settings import DiscovererSettings
 from tests.integration.upstreams import (
     HttpUpstream,
+    Load,
     catalog,
     eventually,
     free_port,
@@ -113,9 +114,14 @@ async def test_workers_drop_root_and_reloads_still_work() -> None:
         assert h.sink.master.pid is not None and _uid(h.sink.master.pid) == 0
         assert await http_once(first_port) == (200, "a")
         # A new service: a reload. The re-executed master (root) takes the
-        # listening sockets over from the unprivileged worker.
-        await h.sink.apply(catalog(first, service("second", second_port, server("b", b.port))))
-        await eventually(lambda: h.reloads == 1, within=10)
+        # listening sockets over from the unprivileged worker: no request lost.
+        load = Load(first_port, rate=100)
+        async with load.running(clients=4):
+            await asyncio.sleep(0.3)
+            await h.sink.apply(catalog(first, service("second", second_port, server("b", b.port))))
+            await eventually(lambda: h.reloads == 1, within=10)
+            await asyncio.sleep(0.3)
+        assert load.failed == [] and load.ok > 20, (load.ok, load.failed[:5])
         new_worker = h.sink.worker_pid
         assert new_worker not in (None, old_worker)
         assert new_worker is not None and _uid(new_worker) == expected_uid
