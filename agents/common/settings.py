@@ -142,7 +142,9 @@ class CommonSettings(BaseSettings):
         None, description="etcd user (with --etcd-password-file or PILOTFISH_ETCD_PASSWORD)"
     )
     etcd_password: str | None = Field(
-        None, description="etcd password (a flag shows in ps: prefer the file or the variable)"
+        None,
+        description="etcd password (a flag shows in ps: prefer the file or the variable)",
+        repr=False,
     )
     etcd_password_file: str | None = Field(
         None, description="file holding the etcd password (read once at start)"
@@ -285,7 +287,7 @@ class DiscovererSettings(CommonSettings):
         None, description="stats page user", json_schema_extra={"env_only": True}
     )
     stats_password: str | None = Field(
-        None, description="stats page password", json_schema_extra={"env_only": True}
+        None, description="stats page password", json_schema_extra={"env_only": True}, repr=False
     )
     haproxy_user: str = Field(
         default_factory=lambda: _first_existing(_user_exists, "haproxy", "nobody"),

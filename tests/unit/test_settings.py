@@ -188,6 +188,7 @@ def test_stats_credentials_from_a_file_or_the_environment(
     monkeypatch.setenv("PILOTFISH_STATS_USER", "ops")
     monkeypatch.setenv("PILOTFISH_STATS_PASSWORD", "x.y")
     assert DiscovererSettings().stats_auth == ("ops", "x.y")
+    assert "x.y" not in repr(DiscovererSettings())  # nor in a logged settings object
     with pytest.raises(ValidationError, match="not both"):
         DiscovererSettings(stats_credentials_file=str(credentials))
 
