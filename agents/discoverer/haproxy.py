@@ -29,18 +29,21 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+import jinja2
+
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, get_logger
 from agents.common.schema import NAME_PATTERN
 from agents.common.settings import DiscovererSettings
 from agents.discoverer import commands as cmd
-from agents.discoverer.config import RenderOptions, refused_services, render_config
+from agents.discoverer.config import ConfigError, RenderOptions, refused_services, render_config
 from agents.discoverer.metrics import SinkMetrics, default_metrics
 from agents.discoverer.model import Catalog, Server, ServerState, Service
 from agents.discoverer.plan import (
@@ -245,7 +248,7 @@ class Master:
     async def write_config(self, text: str) -> None:
         """``haproxy -c`` on a temporary file, then an atomic replace."""
         tmp = self.config.with_suffix(".cfg.new")
-        tmp.write_text(text)
+        _write_private(tmp, text)
         check = await asyncio.create_subprocess_exec(
             self.binary, "-c", "-q", "-f", str(tmp),
             stdin=asyncio.subprocess.DEVNULL,
@@ -328,6 +331,71 @@ class Master:
             return self.logfile.read_text(errors="replace")[-1500:]
         except OSError:
             return "(no log)"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Owner-only (0600) from the first byte: the config may hold the stats password."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(fd, 0o600)  # an older file kept its mode through O_CREAT
+        file.write(text)
+
+
+def render_options(settings: DiscovererSettings, euid: int | None = None) -> RenderOptions:
+    """What the renderer needs from the settings; euid decides the privilege drop.
+
+    Started by root, HAProxy's workers switch to the configured user and group
+    after binding; the master-worker master keeps root (HAProxy's design: it
+    re-executes itself to reload and hands the listening sockets over).
+    """
+    user, group = settings.haproxy_account(os.geteuid() if euid is None else euid)
+    return RenderOptions(
+        state_dir=str(Path(settings.state_dir).absolute()),
+        bind_address=settings.bind_address,
+        stats_address=settings.stats_address,
+        drain_timeout=settings.drain_timeout,
+        template=settings.template,
+        stats_auth=settings.stats_auth,
+        user=user,
+        group=group,
+    )
+
+
+def check_settings(settings: DiscovererSettings) -> str | None:
+    """Render an empty catalog and ``haproxy -c`` it: one line saying what fails, or None.
+
+    Run once at start, so a template or a setting that cannot produce a valid
+    configuration stops the agent then, not at every later render. The text
+    goes through a pipe: no file to clean up, and the stats password never
+    lands outside the state directory.
+    """
+    try:
+        text = render_config({}, render_options(settings))
+    except (ConfigError, jinja2.TemplateError) as error:
+        return f"the HAProxy configuration cannot be rendered: {_one_line(str(error))}"
+    try:
+        check = subprocess.run(
+            [settings.haproxy_binary, "-c", "-f", _STDIN],
+            input=text.encode(),
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"cannot run {settings.haproxy_binary} -c: {_one_line(str(error))}"
+    output = (check.stdout + check.stderr).decode(errors="replace").replace(f"{_STDIN}:", "line ")
+    if check.returncode == 0 or (check.returncode == 2 and "has no error" in output):
+        return None  # 2: valid, but no listener yet (a template without a stats socket)
+    alerts = [line for line in output.splitlines() if "[ALERT]" in line] or [output]
+    reason = re.sub(r"^\[ALERT\]\s*\(\d+\)\s*:\s*(config\s*:\s*)?", "", alerts[0].strip())
+    return f"haproxy -c refuses the rendered configuration: {_one_line(reason)}"
+
+
+_STDIN = "/dev/stdin"
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _pid_alive(pid: int) -> bool:
@@ -424,13 +492,7 @@ class HaproxySink:
         self.settings = settings
         self.metrics = metrics or default_metrics()
         self.dir = Path(settings.state_dir).absolute()
-        self.options = RenderOptions(
-            state_dir=str(self.dir),
-            bind_address=settings.bind_address,
-            stats_address=settings.stats_address,
-            drain_timeout=settings.drain_timeout,
-            template=settings.template,
-        )
+        self.options = render_options(settings)
         self.master = Master(settings, self.dir)
         self.admin = RuntimeClient(self.dir / "admin.sock", _ADMIN_PROMPT)
         self._desired: Catalog = {}
