@@ -261,8 +261,10 @@ async function renderQuarantined(view) {
     el("table", { id: "quarantined" },
       el("thead", {}, el("tr", {}, el("th", {}, "Key"), el("th", {}, "Reason"))),
       el("tbody", {}, body.entries.map((e) => el("tr", {}, el("td", {}, el("code", {}, e.key)), el("td", { class: "reason" }, e.reason))))),
-    body.total > body.entries.length ? el("p", { class: "more" }, `and ${body.total - body.entries.length} more`) : null,
   );
+  if (body.total > body.entries.length) {
+    view.append(el("p", { class: "more" }, `and ${body.total - body.entries.length} more`));
+  }
 }
 
 async function render() {
