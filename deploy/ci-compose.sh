@@ -26,7 +26,8 @@ ETCD_PUBLISH="127.0.0.1:$(free_port)"
 WHOAMI_PORT="$(free_port)"
 STATS_ADDRESS="127.0.0.1:$(free_port)"
 DISCOVERER_ADMIN_ADDRESS="127.0.0.1:$(free_port)"
-export ETCD_PUBLISH WHOAMI_PORT STATS_ADDRESS DISCOVERER_ADMIN_ADDRESS
+CATALOG_PUBLISH="127.0.0.1:$(free_port)"
+export ETCD_PUBLISH WHOAMI_PORT STATS_ADDRESS DISCOVERER_ADMIN_ADDRESS CATALOG_PUBLISH
 compose=(docker-compose -p "pfdemo$$" -f "$PF_REPO/compose/docker-compose.yml")
 
 down() {
@@ -64,3 +65,11 @@ seen="$(for _ in $(seq 1 12); do fetch; done | sort -u)"
 printf '%s\n' "$seen" >&2
 [[ "$(grep -c '^Hostname:' <<<"$seen")" == 3 ]] || { log "expected 3 distinct backends"; exit 1; }
 log "client reached all 3 whoami instances through HAProxy after $((SECONDS - up_start)) s"
+
+catalog_lists() {
+    python3 -c 'import json, sys, urllib.request as r
+body = json.load(r.urlopen(f"http://{sys.argv[1]}/api/v1/services?name=whoami", timeout=2))
+sys.exit(0 if [s["instances"] for s in body["services"]] == [3] else 1)' "$CATALOG_PUBLISH" 2>/dev/null
+}
+wait_for 60 "the catalog on $CATALOG_PUBLISH listing the 3 whoami instances" catalog_lists
+log "catalog: 3 whoami instances on http://$CATALOG_PUBLISH/ after $((SECONDS - up_start)) s"
