@@ -264,8 +264,8 @@ class CatalogServer:
                 last = await self._send_since(response, env, last)
                 if not await self._wait(changed):
                     await response.write(b": keep-alive\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the browser went away
         finally:
             SSE_CLIENTS.dec()
         return response

@@ -74,6 +74,19 @@ def test_each_change_names_only_the_services_it_touched() -> None:
     assert detail is not None and [i.container_id for i in detail.instances] == ["000000000001"]
 
 
+def test_a_relist_after_compaction_sends_what_differs() -> None:
+    feed = Feed(inst(1), inst(2, service="db"))
+    feed.revision = 50
+    kept, added = inst(1), inst(3, service="cache")
+    feed.source.replace(
+        feed.revision, [(instance_key(PREFIX, i), i.to_json(), 40, 40) for i in (kept, added)]
+    )
+    event = feed.index.apply(feed.source.take_batch())
+    assert event.revision == 50
+    assert set(event.services) == {"web", "db", "cache"} and event.services["db"] is None
+    assert [s.name for s in feed.index.services().services] == ["cache", "web"]
+
+
 def test_filters_by_name_tag_and_host() -> None:
     feed = Feed(inst(1, tags=("blue",)), inst(2, service="api", host="h9", tags=("green",)))
     names = lambda **f: [s.name for s in feed.index.services(**f).services]  # noqa: E731

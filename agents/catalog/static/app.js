@@ -124,7 +124,13 @@ function scheduleHosts() {
 function currentRoute() {
   const hash = location.hash.replace(/^#\/?/, "");
   const [page, ...rest] = hash.split("/");
-  if (page === "services" && rest.length) return { page: "service", name: decodeURIComponent(rest.join("/")) };
+  if (page === "services" && rest.length) {
+    try {
+      return { page: "service", name: decodeURIComponent(rest.join("/")) };
+    } catch {
+      return { page: "services" }; // a malformed address: back to the list
+    }
+  }
   if (["hosts", "consumers", "quarantined"].includes(page)) return { page };
   return { page: "services" };
 }
@@ -142,7 +148,7 @@ function searchBox() {
   for (const [key, label] of [["name", "Search by name"], ["tag", "Tag"], ["host", "Host"]]) {
     const input = el("input", { type: "search", id: `search-${key}`, placeholder: label, "aria-label": label });
     input.value = state.filters[key];
-    input.addEventListener("input", () => { state.filters[key] = input.value; renderServiceRows(); });
+    input.addEventListener("input", () => { state.filters[key] = input.value; renderServiceRows(false); });
     box.append(input);
   }
   return box;
@@ -157,38 +163,57 @@ function renderServices(view) {
       el("thead", {}, el("tr", {},
         ["Pick", "Service", "Mode", "Port", "Serving", "Draining", "Hosts", "Tags"].map((h) => el("th", {}, h)))),
       el("tbody", { id: "service-rows" })),
+    el("p", { id: "rows-end", class: "more", hidden: "" }),
   );
-  renderServiceRows();
+  renderServiceRows(false);
 }
 
-function renderServiceRows() {
+// Rows are built as the list scrolls into view: a page of them first, the
+// next page when the end of the table comes near. A catalog of thousands of
+// services shows its first screen at once and never blocks the page.
+const PAGE_ROWS = 100;
+let rowsShown = PAGE_ROWS;
+let moreRows = null; // IntersectionObserver of the table's end
+
+function serviceRow(s) {
+  const box = el("input", { type: "checkbox", class: "pick", "aria-label": `pick ${s.name}` });
+  box.checked = state.picked.has(s.name);
+  box.addEventListener("change", () => {
+    if (box.checked) state.picked.add(s.name); else state.picked.delete(s.name);
+    renderPick();
+  });
+  return el("tr", { "data-service": s.name },
+    el("td", {}, box),
+    el("td", {}, el("a", { href: serviceHref(s.name) }, s.name)),
+    el("td", {}, s.mode),
+    el("td", { class: "num" }, s.port),
+    el("td", { class: "num serving" }, s.serving),
+    el("td", { class: "num draining" }, s.draining),
+    el("td", {}, s.hosts.join(", ")),
+    el("td", {}, tags(s.tags)),
+  );
+}
+
+function renderServiceRows(keepScroll = true) {
   const body = $("service-rows");
   if (!body) return;
-  const all = [...state.services.values()].sort((a, b) => a.name.localeCompare(b.name));
+  const all = [...state.services.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   const shown = all.filter(matches);
   const instances = all.reduce((sum, s) => sum + s.instances, 0);
   $("counts").textContent =
     `${shown.length} of ${all.length} services · ${instances} instances`;
-  const rows = document.createDocumentFragment();
-  for (const s of shown) {
-    const box = el("input", { type: "checkbox", class: "pick", "aria-label": `pick ${s.name}` });
-    box.checked = state.picked.has(s.name);
-    box.addEventListener("change", () => {
-      if (box.checked) state.picked.add(s.name); else state.picked.delete(s.name);
-      renderPick();
-    });
-    rows.append(el("tr", { "data-service": s.name },
-      el("td", {}, box),
-      el("td", {}, el("a", { href: serviceHref(s.name) }, s.name)),
-      el("td", {}, s.mode),
-      el("td", { class: "num" }, s.port),
-      el("td", { class: "num serving" }, s.serving),
-      el("td", { class: "num draining" }, s.draining),
-      el("td", {}, s.hosts.join(", ")),
-      el("td", {}, tags(s.tags)),
-    ));
-  }
-  body.replaceChildren(rows);
+  if (!keepScroll) rowsShown = PAGE_ROWS;
+  body.replaceChildren(...shown.slice(0, rowsShown).map(serviceRow));
+  const end = $("rows-end");
+  end.hidden = shown.length <= rowsShown;
+  end.textContent = `${shown.length - rowsShown} more below`;
+  if (moreRows) moreRows.disconnect();
+  moreRows = new IntersectionObserver((entries) => {
+    if (!entries.some((entry) => entry.isIntersecting) || end.hidden) return;
+    rowsShown += PAGE_ROWS;
+    renderServiceRows();
+  }, { rootMargin: "400px" });
+  moreRows.observe(end);
 }
 
 async function renderService(view, name) {
