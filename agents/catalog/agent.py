@@ -18,7 +18,7 @@ from agents.catalog.state import ServiceIndex
 from agents.common.etcd import Etcd
 from agents.common.logging import get_logger
 from agents.common.settings import CatalogSettings
-from agents.common.systemd import notify
+from agents.common.systemd import notify, watchdog_loop
 from agents.discoverer.source import EtcdSource
 
 log = get_logger("pilotfish.catalog")
@@ -60,6 +60,8 @@ async def serve(settings: CatalogSettings, stop: asyncio.Event) -> None:
         for p in envs
     ]
     ready = asyncio.create_task(_announce_ready(listed))
+    # Alive while every source's loop runs (an etcd outage is not a reason to restart).
+    watchdog = asyncio.create_task(watchdog_loop(lambda: not any(t.done() for t in tasks)))
     stopping = asyncio.create_task(stop.wait(), name="stop")
     try:
         done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -67,9 +69,9 @@ async def serve(settings: CatalogSettings, stop: asyncio.Event) -> None:
             if task is not stopping:
                 task.result()  # a source only ends by failing: raise its error
     finally:
-        for task in (*tasks, ready, stopping):
+        for task in (*tasks, ready, watchdog, stopping):
             task.cancel()
-        await asyncio.gather(*tasks, ready, stopping, return_exceptions=True)
+        await asyncio.gather(*tasks, ready, watchdog, stopping, return_exceptions=True)
         await runner.cleanup()
         await etcd.close()
         log.info("catalog stopped")
