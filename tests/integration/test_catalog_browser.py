@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from catalog_kit import put_instances, running_catalog, screenshot
 from discoverer_support import make_instance
-from registrar_kit import DockerCli, registrar, settings_for, unique
+from registrar_kit import DockerCli, eventually, registrar, settings_for, unique
 
 from agents.common.etcd import Etcd
 from agents.common.schema import instance_key
@@ -43,6 +43,10 @@ async def mark_document(page: Any) -> None:
 
 async def same_document(page: Any) -> bool:
     return bool(await page.evaluate("window.__sameDocument === true"))
+
+
+async def _at_least(rows: Any, count: int) -> bool:
+    return bool(await rows.count() >= count)
 
 
 async def test_the_page_follows_containers_started_and_stopped_without_a_reload(
@@ -227,7 +231,8 @@ async def test_ten_thousand_instances_render_their_first_screen_within_two_secon
         rows = page.locator("#service-rows tr")
         assert await rows.count() == 100
         await page.locator("#rows-end").scroll_into_view_if_needed()
-        await page.wait_for_function("document.querySelectorAll('#service-rows tr').length >= 200")
+        # (not wait_for_function: the page's CSP refuses the eval it needs)
+        await eventually(lambda: _at_least(rows, 200))
         await page.fill("#search-name", "svc-0999")
         await page.wait_for_selector(row("svc-0999"))
         assert await rows.count() == 1 and await page.is_hidden("#rows-end")
