@@ -19,6 +19,7 @@ log "images ready after $((SECONDS - start)) s"
 
 export ETCD_IMAGE HOST_IP="$PF_HOST_IP" DOCKER_SOCKET="${DOCKER_HOST#unix://}"
 export PILOTFISH_REGISTRAR_IMAGE="$PF_REGISTRAR_IMAGE" PILOTFISH_DISCOVERER_IMAGE="$PF_DISCOVERER_IMAGE"
+export PILOTFISH_CATALOG_IMAGE="$PF_REGISTRAR_IMAGE"  # the catalog runs in the registrar's image
 export WHOAMI_IMAGE="$PF_WHOAMI_IMAGE" PILOTFISH_PREFIX="/demo-$$"
 # Host-network ports moved off the defaults, so the demo never collides with
 # anything else on the CI machine.
