@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from catalog_kit import Catalog, EventStream, running_catalog
-from discoverer_support import make_instance
+from discoverer_support import EtcdProxy, make_instance
 from registrar_kit import REPO, DockerCli, eventually, registrar, settings_for
 
 from agents.common.etcd import Etcd
@@ -244,3 +244,36 @@ async def test_cli_takes_prefix_more_than_once_and_stops_on_sigterm(etcd: Any, p
     )
     _, err = await bad.communicate()
     assert bad.returncode == 2 and b"invalid setting prefix" in err
+
+
+async def test_cut_off_from_etcd_through_a_compaction_the_catalog_relists_and_tells_browsers(
+    etcd: Any, prefix: str, client: Etcd
+) -> None:
+    host, _, port = str(etcd.endpoint).rpartition(":")
+    proxy = EtcdProxy(host, int(port))
+    await proxy.start()
+    alpha, beta = make_instance("alpha", 9000, 8001), make_instance("beta", 9001, 8002)
+    await client.put(instance_key(prefix, alpha), alpha.to_json())
+    try:
+        async with running_catalog(proxy.endpoint, prefix) as catalog:
+            start = (await catalog.json("/api/v1/services"))["revision"]
+            async with EventStream(catalog, params={"since": str(start)}) as stream:
+                await proxy.cut()
+                await eventually(lambda: _unhealthy(catalog), within=10)
+                await client.delete(instance_key(prefix, alpha))
+                revision = await client.put(instance_key(prefix, beta), beta.to_json())
+                await client.client.compact(revision)  # the watch cannot resume: re-list
+                await proxy.start()
+                (change,) = await eventually(lambda: stream.of_kind("change"), within=15)
+            assert int(change.id) >= revision
+            assert change.data["services"]["alpha"] is None
+            assert change.data["services"]["beta"]["instances"] == 1
+            names = [s["name"] for s in (await catalog.json("/api/v1/services"))["services"]]
+            assert names == ["beta"]
+            assert (await catalog.get("/healthz"))[0] == 200
+    finally:
+        await proxy.cut()
+
+
+async def _unhealthy(catalog: Catalog) -> bool:
+    return (await catalog.get("/healthz"))[0] == 503
