@@ -268,6 +268,11 @@ class Etcd:
         reply = await self._call(lambda: self.client.refresh_lease(lease_id), self.write_timeout)
         return int(reply.TTL) if reply is not None else 0
 
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Seconds left on a lease (LeaseTimeToLive, without its keys); -1 if it is gone."""
+        reply = await self._call(lambda: self.client.get_lease_info(lease_id, keys=False))
+        return int(reply.TTL)
+
     async def revoke(self, lease_id: int) -> None:
         await self._call(lambda: self.client.revoke_lease(lease_id))
 
