@@ -130,7 +130,7 @@ class EtcdSink:
         )
         self._restoring: dict[str, Change] = {}  # keys to put back, and why
         self._restored: collections.Counter[str] = collections.Counter()
-        self._restored_first = 0.0
+        self._restored_first = self._restored_last = 0.0
         self._restored_log: asyncio.TimerHandle | None = None
         self.restored_total = 0
 
@@ -396,7 +396,7 @@ class EtcdSink:
         self.restored_total += 1
         self.hooks.on_restored(key)
         self._restored[change.value] += 1
-        now = time.monotonic()
+        now = self._restored_last = time.monotonic()
         if self._restored_log is None:
             self._restored_first = now
         else:
@@ -415,7 +415,7 @@ class EtcdSink:
             "registrations deleted or changed in etcd behind this registrar's back were put back",
             keys=sum(counts.values()),
             **{change: count for change, count in sorted(counts.items())},
-            seconds=round(time.monotonic() - self._restored_first, 3),
+            over_seconds=round(self._restored_last - self._restored_first, 3),
         )
 
     def _quarantine(self, key: str, reason: str) -> None:
