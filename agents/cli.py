@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -95,13 +98,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             asyncio.run(run_until_signal(lambda stop: serve_registrar(settings, stop)))
         except HostIdTaken:
-            return 2  # logged where it was found, with the holder's name
+            _leave(2)  # logged where it was found, with the holder's name
     else:
         from agents.discoverer.agent import serve as serve_discoverer
 
         assert isinstance(settings, DiscovererSettings)
         asyncio.run(run_until_signal(lambda stop: serve_discoverer(settings, stop)))
-    return 0
+    _leave(0)
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit now that the agent has shut down cleanly: flush and skip finalization.
+
+    Tearing the interpreter down (gRPC's and the loaded modules' objects) took
+    0.35 s of CPU after the agent had finished (measured: 0.37 s from SIGTERM
+    to exit, 0.025 s without it), and several times that on a busy machine:
+    with a 1 s lease revoke it made exits of 2.06-2.26 s. Nothing is left to
+    do by then: every task, socket and subprocess handle was closed by serve().
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -346,8 +346,8 @@ class Etcd:
 
         async def deliver(item: Any) -> None:
             if item is None:
-                on_event(EtcdError("etcd watch stream closed"))
-            elif isinstance(item, BaseException):
+                return  # our own close (aetcd's watcher shut down): nothing to report
+            if isinstance(item, BaseException):
                 on_event(_as_etcd_error(item))
             else:
                 on_event(_watch_event(item))

@@ -427,9 +427,14 @@ async def _until_stopped(stop: asyncio.Event, *loops: Coroutine[Any, Any, None])
         await asyncio.gather(stopper, *tasks, return_exceptions=True)
 
 
+# The lease revoke on exit (--deregister-on-exit) gets this long: one RPC of a
+# few ms when etcd answers; the lease expires by itself within the TTL if not.
+DEREGISTER_WITHIN = 0.7
+
+
 async def _deregister(sink: EtcdSink) -> None:
     try:
-        async with asyncio.timeout(1.0):
+        async with asyncio.timeout(DEREGISTER_WITHIN):
             await sink.deregister()
         log.info("lease revoked: this host's registrations are gone")
     except Exception as error:  # the lease expires by itself within the TTL anyway
