@@ -257,6 +257,11 @@ class Etcd:
         ]
         return result.header.revision, items
 
+    async def revision(self) -> int:
+        """etcd's current store revision (one range request that matches no key)."""
+        result = await self._call(lambda: self.client.get_prefix(b"\0"))
+        return int(result.header.revision)
+
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         result = await self._call(
             lambda: self.client.put(key.encode(), value, lease=lease), self.write_timeout

@@ -127,6 +127,7 @@ class EtcdSink:
             on_event=self._on_key_event,
             on_compacted=self._on_compacted,
             on_error=self.hooks.on_error,
+            after_break=self._check_history,
         )
         self._restoring: dict[str, Change] = {}  # keys to put back, and why
         self._restored: collections.Counter[str] = collections.Counter()
@@ -371,6 +372,22 @@ class EtcdSink:
         change = self.ownership.judge(key, event.revision, event.value, event.lease)
         if change is not None:
             self._restore(key, change)
+
+    async def _check_history(self) -> None:
+        """After the watch stream broke: did etcd's history go back (a restore from a
+        backup)? Then revisions no longer tell our writes apart: reconcile every key."""
+        newest = self.ownership.newest()
+        now = await self.etcd.revision()
+        if now >= newest:
+            return  # watches resume from each key's revision: the replay tells the rest
+        log.warning(
+            "etcd's revision went back (restored from a backup?): reconciling every key",
+            revision=now,
+            ours=newest,
+        )
+        self.ownership.clear()  # the full sync adopts or re-puts, and watches again
+        self._need_full_sync = True
+        self._wake.set()
 
     def _on_compacted(self, key: str) -> None:
         change = self.ownership.compacted(key)

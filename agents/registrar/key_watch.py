@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd, EtcdError, RevisionCompacted, WatchEvent
@@ -36,12 +36,17 @@ class KeyWatches:
         on_event: Callable[[str, WatchEvent], None],
         on_compacted: Callable[[str], None],
         on_error: Callable[[BaseException], None] = lambda _error: None,
+        after_break: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.etcd = etcd
         self.start_of = start_of  # where a key's watch starts; None: not (or no longer) ours
         self.on_event = on_event
         self.on_compacted = on_compacted
         self.on_error = on_error
+        # Awaited before the watches are re-created after the stream broke
+        # (the sink checks that etcd's history did not go back).
+        self.after_break = after_break
+        self._broke = False
         self._active: dict[str, int] = {}  # key -> watch id
         self._to_create: set[str] = set()
         self._to_cancel: list[int] = []
@@ -86,6 +91,9 @@ class KeyWatches:
                 self.error = ""
 
     async def _settle(self) -> None:
+        if self._broke and self.after_break is not None:
+            await self.after_break()
+        self._broke = False
         while self._to_cancel:
             watch_id = self._to_cancel.pop()
             with contextlib.suppress(EtcdError):  # gone with its stream already
@@ -121,6 +129,7 @@ class KeyWatches:
         if not self._active:
             return
         self.breaks += 1
+        self._broke = True
         self._to_create.update(self._active)
         self._active.clear()
         self._failed(error)

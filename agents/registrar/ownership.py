@@ -86,6 +86,10 @@ class Ownership:
     def clear(self) -> None:
         self._keys.clear()
 
+    def newest(self) -> int:
+        """The highest revision etcd gave any of our writes (0: none)."""
+        return max((owned.revision for owned in self._keys.values()), default=0)
+
     def watch_from(self, key: str) -> int | None:
         """The revision a (new) watch of ``key`` starts at; None: nothing to watch yet."""
         owned = self._keys.get(key)

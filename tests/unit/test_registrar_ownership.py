@@ -157,3 +157,25 @@ async def test_after_the_watch_stream_broke_what_happened_meanwhile_is_replayed(
         await until(lambda: instance_key(PREFIX, a) in fake.kv, within=5)
         await until(lambda: sink.watches.error == "", within=5)
         assert sink.restored_total == 1
+
+
+async def test_history_gone_back_after_an_outage_means_reconcile_every_key() -> None:
+    fake = FakeEtcd()
+    async with running(fake, ttl=30) as sink:
+        a, b = make(1, cid="aa" * 32), make(2, cid="bb" * 32)
+        sink.replace_all({a.container_id: [a]})
+        await until(lambda: sink.backlog == 0 and sink.watches.watched == 1)
+        lease = sink.keeper.lease_id
+        assert lease is not None
+        # etcd restored from a backup taken before a's put (b a ghost of then):
+        # its revisions are lower than those of our writes.
+        fake.down = True
+        fake.break_watches()
+        fake.kv = {instance_key(PREFIX, b): (b.to_json(), lease)}
+        fake.rev = 1
+        fake.history = []
+        fake.down = False
+        await until(lambda: set(fake.kv) == {instance_key(PREFIX, a)}, within=5)
+        await until(lambda: sink.watches.watched == 1 and sink.watches.error == "", within=5)
+        fake.foreign_delete(instance_key(PREFIX, a))  # watched again, from the new history
+        await until(lambda: instance_key(PREFIX, a) in fake.kv)

@@ -29,7 +29,7 @@ class FakeEtcd:
         self.next_lease = 100
         self.down = False
         self.request_count = 0
-        self.revision = 1
+        self.rev = 1  # the store revision
         self.mod: dict[str, int] = {}
         self.history: list[WatchEvent] = []
         self.watches: dict[int, tuple[str, KeyCallback]] = {}
@@ -37,14 +37,14 @@ class FakeEtcd:
 
     def _changed(self, key: str, value: bytes | None, lease: int = 0) -> int:
         """Record a change (the caller already changed ``kv``) and tell the key's watches."""
-        self.revision += 1
-        self.mod[key] = self.revision
-        event = WatchEvent(key.encode(), value, self.revision, lease=lease)
+        self.rev += 1
+        self.mod[key] = self.rev
+        event = WatchEvent(key.encode(), value, self.rev, lease=lease)
         self.history.append(event)
         for watched, callback in list(self.watches.values()):
             if watched == key:
                 callback(event)
-        return self.revision
+        return self.rev
 
     def foreign_put(self, key: str, value: bytes, lease: int = 0) -> None:
         """Another writer (an operator, a restore) puts ``key``."""
@@ -70,6 +70,10 @@ class FakeEtcd:
                 on_event(event)
         return watch_id
 
+    async def revision(self) -> int:
+        self._call()
+        return self.rev
+
     async def cancel_watch(self, watch_id: int) -> None:
         self._call()
         self.watches.pop(watch_id, None)
@@ -86,7 +90,7 @@ class FakeEtcd:
             for k, (v, lease) in self.kv.items()
             if k.startswith(prefix)
         ]
-        return self.revision, items
+        return self.rev, items
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         self._call()
