@@ -32,10 +32,10 @@ import aiodocker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.common.container import container_from_inspect
 from agents.common.etcd import Etcd, EtcdError
 from agents.common.schema import Instance, instance_key
 from agents.common.settings import CommonSettings
-from agents.registrar.container import container_from_inspect
 from agents.registrar.labels import desired_instances
 
 

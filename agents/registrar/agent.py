@@ -25,18 +25,18 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agents.common.admin import AdminServer
-from agents.common.etcd import Etcd
-from agents.common.logging import describe, get_logger
-from agents.common.settings import RegistrarSettings
-from agents.common.systemd import notify, watchdog_loop
-from agents.registrar.container import ContainerInfo
-from agents.registrar.docker_source import (
+from agents.common.container import ContainerInfo
+from agents.common.docker_events import (
     INSPECT,
     ContainerEvent,
     DockerSource,
     DockerUnavailable,
-    Snapshot,
+    RunningContainers,
 )
+from agents.common.etcd import Etcd
+from agents.common.logging import describe, get_logger
+from agents.common.settings import RegistrarSettings
+from agents.common.systemd import notify, watchdog_loop
 from agents.registrar.etcd_sink import EtcdSink, SinkHooks
 from agents.registrar.host_claim import HostClaim
 from agents.registrar.identity import Engine, Holder, default_host_id
@@ -128,7 +128,7 @@ class Registrar:
     async def run(self) -> None:
         async with contextlib.aclosing(self.docker.stream()) as stream:
             async for item in stream:
-                if isinstance(item, Snapshot):
+                if isinstance(item, RunningContainers):
                     self._apply_snapshot(item)
                 else:
                     self._dispatch(item)
@@ -139,7 +139,7 @@ class Registrar:
             lane.cancel()
         await asyncio.gather(*lanes, return_exceptions=True)
 
-    def _apply_snapshot(self, snapshot: Snapshot) -> None:
+    def _apply_snapshot(self, snapshot: RunningContainers) -> None:
         self.generation += 1
         if self.docker.reconnects > self._docker_outages:
             self.metrics.reconnects.labels("docker").inc(

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from agents.common.container import ContainerInfo
 from agents.common.schema import (
     ATTRIBUTE_KEY_PATTERN,
     ATTRIBUTE_VALUE_PATTERN,
@@ -45,7 +46,6 @@ from agents.common.schema import (
     Instance,
 )
 from agents.common.validation import MAX_ATTRIBUTES, MAX_TAGS, MAX_VALUE_BYTES, show
-from agents.registrar.container import ContainerInfo
 
 LABEL = "pilotfish."
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})

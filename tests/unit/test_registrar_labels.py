@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from agents.common.container import ContainerInfo, container_from_inspect
 from agents.common.schema import Instance, instance_key
-from agents.registrar.container import ContainerInfo, container_from_inspect
 from agents.registrar.labels import desired_instances, draining, image_service_name
 from agents.registrar.reconcile import reconcile
 

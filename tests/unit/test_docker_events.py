@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from agents.registrar.docker_source import LineSplitter, Overlong, _parse_event
+from agents.common.docker_events import LineSplitter, Overlong, _parse_event
 
 CID = "ab" * 32
 

@@ -2,7 +2,7 @@
 
 :meth:`DockerSource.stream` subscribes to the event stream *first*, then lists
 and inspects the running containers (so nothing that happens in between is
-lost: registrator's race), yields one :class:`Snapshot`, then one
+lost: registrator's race), yields one :class:`RunningContainers`, then one
 :class:`ContainerEvent` per container event. When the stream ends — an error,
 or silently, as it does when dockerd restarts (registrator #377) — or when
 dockerd stops answering ``/_ping``, it reconnects with backoff and starts
@@ -31,8 +31,8 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agents.common.backoff import Backoff
+from agents.common.container import ContainerInfo, container_from_inspect
 from agents.common.logging import OnceEvery, describe, get_logger
-from agents.registrar.container import ContainerInfo, container_from_inspect
 from agents.registrar.identity import Engine
 
 log = get_logger("pilotfish.docker")
@@ -56,7 +56,7 @@ class DockerUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
+class RunningContainers:
     """Every running container, read right after the event stream opened."""
 
     containers: list[ContainerInfo]
@@ -212,7 +212,7 @@ class DockerSource:
 
     # --- the stream ------------------------------------------------------------------
 
-    async def stream(self) -> AsyncGenerator[Snapshot | ContainerEvent, None]:
+    async def stream(self) -> AsyncGenerator[RunningContainers | ContainerEvent, None]:
         """Snapshots and events, forever; reconnects by itself."""
         backoff = Backoff(initial=0.1, maximum=5.0)
         while True:
@@ -227,7 +227,7 @@ class DockerSource:
                 self._lost(f"event stream broke: {describe(error)}")
             await backoff.wait()
 
-    async def _one_connection(self) -> AsyncGenerator[Snapshot | ContainerEvent, None]:
+    async def _one_connection(self) -> AsyncGenerator[RunningContainers | ContainerEvent, None]:
         params = {"filters": json.dumps({"type": ["container"]})}
         try:
             async with self.client._query("events", params=params, timeout=None) as response:
@@ -235,7 +235,7 @@ class DockerSource:
                 # here on nothing is missed, so the listing below is safe.
                 containers = await self.running()
                 self._connected()
-                yield Snapshot(containers)
+                yield RunningContainers(containers)
                 async with _watchdog(self, response):
                     lines = LineSplitter(MAX_EVENT_LINE)
                     async for chunk in response.content.iter_any():
@@ -249,7 +249,7 @@ class DockerSource:
         finally:
             self.connected = False
 
-    async def _overlong(self, line: Overlong) -> Snapshot | ContainerEvent:
+    async def _overlong(self, line: Overlong) -> RunningContainers | ContainerEvent:
         """Read the container of a dropped line again (all of them if it is not named)."""
         container_id = line.container_id
         if self._quiet.should_log(f"overlong {container_id}"):
@@ -260,7 +260,7 @@ class DockerSource:
                 limit=MAX_EVENT_LINE,
             )
         if container_id is None:
-            return Snapshot(await self.running())
+            return RunningContainers(await self.running())
         return ContainerEvent(INSPECT, container_id, time.time_ns(), {})
 
     def _connected(self) -> None:
