@@ -28,7 +28,7 @@ from agents.common.etcd import Etcd
 from agents.common.schema import Instance, instance_key
 from agents.common.settings import RegistrarSettings
 from agents.common.validation import MAX_TAGS, MAX_VALUE_BYTES
-from agents.registrar import docker_source
+from agents.common import docker_events
 from agents.registrar.etcd_sink import EtcdSink
 from tests.stack import Etcd as EtcdServer
 
@@ -170,7 +170,7 @@ async def test_an_event_line_longer_than_aiohttp_allows_neither_reconnects_nor_i
     """Labels are copied into every event: a 1 MB label makes 1 MB event lines,
     twice what aiohttp reads as one line."""
     if bound == "over":  # dropped by the reader: the container is read again instead
-        monkeypatch.setattr(docker_source, "MAX_EVENT_LINE", 256 * 1024)
+        monkeypatch.setattr(docker_events, "MAX_EVENT_LINE", 256 * 1024)
     settings = settings_for(docker, etcd_endpoint, reg_prefix)
     async with registrar(settings):
         await eventually(lambda: healthy(settings.admin_address), within=5)
