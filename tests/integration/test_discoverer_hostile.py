@@ -96,6 +96,37 @@ def assert_config_in_grammar(d: Running) -> str:
     return text
 
 
+class ConfigWatch:
+    """Reads haproxy.cfg every few milliseconds while running; keeps every bad line seen."""
+
+    def __init__(self, d: Running) -> None:
+        self.path = Path(d.settings.state_dir) / "haproxy.cfg"
+        self.violations: list[str] = []
+        self.reads = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ConfigWatch:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                text = self.path.read_text()
+            except OSError:
+                text = ""
+            self.reads += 1
+            self.violations += [
+                line for line in grammar_violations(text) if line not in self.violations
+            ]
+            await asyncio.sleep(0.005)
+
+
 def assert_alive(d: Running) -> None:
     assert not d.task.done(), f"the discoverer exited: {d.task!r}"
 
@@ -123,17 +154,19 @@ async def test_ipv6_scope_with_newlines_is_quarantined_never_rendered(
         with capture_logs() as logs:
             async with discoverer(tmp_path, endpoint_of(etcd), prefix) as d:
                 await routable(good_port, "good")
-                # One as a new service (it would need a reload), one in the existing backend.
-                new_service = make_instance("evil", up["good"].port, evil_port)
-                in_backend = make_instance("good", up["good"].port, good_port, host="host-x")
-                keys = [instance_key(prefix, i) for i in (new_service, in_backend)]
-                for key, instance in zip(keys, (new_service, in_backend), strict=True):
-                    await w.raw(key, raw_value(instance, address=hostile))
-                for key in keys:
-                    await wait_quarantined(d, key)
-                # A new well-formed service: the configuration is rendered and reloaded.
-                await w.put(make_instance("late", up["late"].port, late_port))
-                await routable(late_port, "late")
+                async with ConfigWatch(d) as watch:
+                    # One as a new service (it would need a reload), one in an existing backend.
+                    new_service = make_instance("evil", up["good"].port, evil_port)
+                    in_backend = make_instance("good", up["good"].port, good_port, host="host-x")
+                    keys = [instance_key(prefix, i) for i in (new_service, in_backend)]
+                    for key, instance in zip(keys, (new_service, in_backend), strict=True):
+                        await w.raw(key, raw_value(instance, address=hostile))
+                    for key in keys:
+                        await wait_quarantined(d, key)
+                    # A new well-formed service: the configuration is rendered and reloaded.
+                    await w.put(make_instance("late", up["late"].port, late_port))
+                    await routable(late_port, "late")
+                assert watch.violations == [] and watch.reads > 0, watch.violations
                 assert await answered_by(good_port, "good")
                 text = assert_config_in_grammar(d)
                 assert "stats socket ipv4@" not in text and "fe80" not in text, text
