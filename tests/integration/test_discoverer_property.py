@@ -175,6 +175,8 @@ times = st.one_of(
     st.datetimes().map(lambda t: t.isoformat()),  # naive
     st.datetimes(timezones=_zones).map(lambda t: t.isoformat()),  # aware
     st.sampled_from(["2024-01-01T00:00:00", "2024-13-01T00:00:00Z", "yesterday", "1e309"]),
+    # Valid, aware, and out of range once converted to UTC (astimezone raises).
+    st.sampled_from(["0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"]),
 )
 # No valid port number (1..65535): a valid frontend_port would bind a port
 # another test on this machine may be using.
@@ -333,6 +335,12 @@ _INJECTION = "fe80::1%x\nglobal\n    stats socket ipv4@127.0.0.1:1 level admin"
 @example([(4, "schema", {"registered_at": "2000-01-01T00:00:00+00:00"})])
 @example([(3, "schema", {"mode": "http"}), (1, "bytes", b"\xff\xfe\x00")])
 @example([(2, "json", [1, {"a": None}]), (0, "schema", {"tags": ["x" * 10_000]})])
+@example(
+    [
+        (0, "schema", {"registered_at": "0001-01-01T00:00:00+23:59"}),
+        (3, "schema", {"registered_at": "9999-12-31T23:59:59-23:59"}),
+    ]
+)
 def test_no_value_reaches_the_config_or_stops_routing(
     stage: Stage, hostile: list[tuple[int, str, Any]]
 ) -> None:
