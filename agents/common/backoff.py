@@ -15,7 +15,10 @@ class Backoff:
 
     def next_delay(self) -> float:
         base = min(self.maximum, self.initial * self.factor**self.attempt)
-        self.attempt += 1
+        # Stop growing the exponent once the cap is reached: factor**1024 is
+        # past a float's range, and an outage may last that many attempts.
+        if base < self.maximum:
+            self.attempt += 1
         # Full jitter keeps many agents from reconnecting to a recovering etcd in step.
         return base / 2 + random.uniform(0, base / 2)
 

@@ -89,6 +89,9 @@ class KeyValue:
     value: bytes
     lease: int
     mod_revision: int
+    # When the key was created; kept by every later put to it. No client can
+    # set or reset it: what decides between instances (port ownership).
+    create_revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class WatchEvent:
     key: bytes
     value: bytes | None
     revision: int
+    create_revision: int = 0  # of the key (0 for a delete)
 
 
 class Etcd:
@@ -196,7 +200,10 @@ class Etcd:
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """All keys under ``prefix`` and the store revision they were read at."""
         result = await self._call(lambda: self.client.get_prefix(prefix.encode()))
-        items = [KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision) for kv in result]
+        items = [
+            KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision, kv.create_revision)
+            for kv in result
+        ]
         return result.header.revision, items
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
@@ -246,6 +253,7 @@ class Etcd:
                     key=event.kv.key,
                     value=None if deleted else event.kv.value,
                     revision=event.kv.mod_revision,
+                    create_revision=0 if deleted else event.kv.create_revision,
                 )
         finally:
             # The stream may already be dead; cancelling is best effort.

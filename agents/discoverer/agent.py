@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -23,10 +23,11 @@ from agents.common.admin import AdminServer
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd
 from agents.common.logging import OnceEvery, describe, get_logger
+from agents.common.quarantine import Quarantine
 from agents.common.settings import DiscovererSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.discoverer.guard import EmptyPrefixGuard
-from agents.discoverer.model import Catalog, CatalogBuilder, Conflict
+from agents.discoverer.model import Catalog, CatalogBuilder, Conflict, ListenRules
 from agents.discoverer.source import EtcdSource, Snapshot
 
 log = get_logger("pilotfish.discoverer")
@@ -50,7 +51,13 @@ EMPTY_PREFIX_ALARM = Gauge(
 )
 INSTANCES = Gauge("pilotfish_discoverer_instances", "instances served (after the guard)")
 SERVICES = Gauge("pilotfish_discoverer_services", "services (frontends) in the catalog")
-CONFLICTS = Gauge("pilotfish_discoverer_conflicts", "instances left out by port conflicts")
+CONFLICTS = Gauge(
+    "pilotfish_discoverer_conflicts", "instances that do not fit the catalog (routed or not)"
+)
+QUARANTINED = Gauge(
+    "pilotfish_discoverer_quarantined",
+    "etcd keys left out of routing, each with a reason (listed in /healthz)",
+)
 
 # Registration latency is only meaningful for fresh registrations; an old
 # registered_at (a re-put after a lease loss) would pollute the histogram.
@@ -65,22 +72,38 @@ class Sink(Protocol):
     async def run(self) -> None: ...
     async def close(self, stop_haproxy: bool = False) -> None: ...
     def healthy(self) -> tuple[bool, dict[str, object]]: ...
+    def refused(self) -> Mapping[tuple[str, str | None], str]:
+        """(service, server or None for all of it) -> why HAProxy could not take it."""
+        ...
 
 
 class Source(Protocol):
     def updates(self) -> AsyncIterator[Snapshot]: ...
     def status(self) -> dict[str, object]: ...
+    @property
+    def pending(self) -> bool:
+        """Changes arrived that no snapshot handed out yet."""
+        ...
+
+    async def wait_for_changes(self, at_most: float) -> None: ...
 
 
 class Discoverer:
     """The supervisor loop, independent of how the source and sink are built."""
 
-    def __init__(self, settings: DiscovererSettings, source: Source, sink: Sink) -> None:
+    def __init__(
+        self,
+        settings: DiscovererSettings,
+        source: Source,
+        sink: Sink,
+        rules: ListenRules | None = None,
+    ) -> None:
         self.settings = settings
         self.source = source
         self.sink = sink
         self.guard = EmptyPrefixGuard()
-        self.builder = CatalogBuilder(settings.service_filter)
+        self.builder = CatalogBuilder(settings.service_filter, rules or listen_rules(settings))
+        self.quarantine = Quarantine(log, QUARANTINED)
         self._built_live = False  # the builder's last state was a live snapshot
         self.started = False
         self.catalog: Catalog = {}
@@ -93,6 +116,8 @@ class Discoverer:
     # -- health ------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, object]]:
+        # HAProxy refuses listeners in its reloader too, between two snapshots.
+        self._quarantine_refused_by_haproxy()
         etcd = self.source.status()
         if self.started:
             haproxy_ok, haproxy = self.sink.healthy()
@@ -111,6 +136,8 @@ class Discoverer:
             "instances": self.served,
             "services": len(self.catalog),
             "conflicts": len(self._conflicts),
+            "quarantined_count": len(self.quarantine),
+            "quarantined": self.quarantine.listing(),
         }
 
     # -- the loop ----------------------------------------------------------
@@ -127,16 +154,19 @@ class Discoverer:
                     await self._supervisor
 
     async def _handle(self, snapshot: Snapshot) -> None:
-        instances = self.guard.filter(snapshot.instances, snapshot.empty_cause)
+        # The source logged each refused value once already.
+        self.quarantine.replace("schema", snapshot.refused, announce=False)
+        instances = self.guard.filter(snapshot.instances, snapshot.empty_cause, snapshot.created)
         EMPTY_PREFIX_ALARM.set(1 if self.guard.alarm else 0)
         # The snapshot's changed keys describe live state after live state;
         # around held (guarded) state the builder compares everything.
         live = instances is snapshot.instances
         changed = snapshot.changed if live and self._built_live else None
         self._built_live = live
-        catalog, conflicts = self.builder.build(instances, changed)
+        catalog, conflicts = self.builder.build(instances, changed, self.guard.created)
         self._log_conflicts(conflicts)
         await self._apply_until_done(catalog)
+        self._quarantine_refused_by_haproxy()
         self.catalog = catalog
         self.served = sum(len(s.servers) for s in catalog.values())
         INSTANCES.set(self.served)
@@ -145,8 +175,9 @@ class Discoverer:
         self._observe(snapshot)
 
     async def _apply_until_done(self, catalog: Catalog) -> None:
-        # HAProxy may be restarting: retry the same catalog with backoff. Changes
-        # arriving meanwhile are folded into the next snapshot by the source.
+        # HAProxy may be restarting: retry with backoff, but never hold on to
+        # a catalog once a newer state is waiting: that one is applied instead
+        # (it holds every change), so nothing can stall the updates behind it.
         backoff = Backoff(initial=0.1, maximum=2.0)
         while True:
             try:
@@ -169,7 +200,9 @@ class Discoverer:
                         error=self.last_apply_error,
                         exc_info=True,
                     )
-                await backoff.wait()
+                await self.source.wait_for_changes(backoff.next_delay())
+                if self.source.pending:
+                    return
                 continue
             if self.last_apply_error is not None:
                 held = self._quiet.clear("apply")
@@ -202,14 +235,37 @@ class Discoverer:
     def _log_conflicts(self, conflicts: list[Conflict]) -> None:
         current = set(conflicts)
         for conflict in current - self._conflicts:
-            log.warning(
-                "instance conflicts with the catalog",
-                service=conflict.service,
-                server=conflict.server,
-                reason=conflict.reason,
-            )
+            if conflict.routed:
+                log.warning(
+                    "instance conflicts with the catalog, routed anyway",
+                    key=conflict.key,
+                    service=conflict.service,
+                    reason=conflict.reason,
+                )
         self._conflicts = current
         CONFLICTS.set(len(current))
+        left_out = {c.key: c.reason for c in conflicts if not c.routed}
+        self.quarantine.replace("catalog", left_out)
+
+    def _quarantine_refused_by_haproxy(self) -> None:
+        refused: dict[str, str] = {}
+        for (service, server), reason in self.sink.refused().items():
+            for key in self.builder.keys_of(service, server):
+                refused[key] = reason
+        self.quarantine.replace("haproxy", refused)
+
+
+def listen_rules(settings: DiscovererSettings) -> ListenRules:
+    """The ports a consumer frontend must not take on this host, and its bind address."""
+    reserved: dict[int, str] = {}
+    for address, user in (
+        (settings.stats_address, "the HAProxy stats page"),
+        (settings.admin_address, "the discoverer's admin endpoint"),
+    ):
+        port = address.rpartition(":")[2]
+        if address != "off" and port.isdigit() and int(port) > 0:
+            reserved[int(port)] = user
+    return ListenRules(reserved_ports=reserved, bind_address=settings.bind_address)
 
 
 async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:

@@ -1,18 +1,22 @@
 """HAProxy runtime API command lines, built only from validated fields.
 
-Every builder re-validates what it puts into the line (names against the
-schema's patterns, addresses through :mod:`ipaddress`, ports and weights by
-range), and :func:`validate_command` checks the finished line against the
-whole grammar the sink may send — belt and braces: even a bug in a builder
-cannot put a newline or an unexpected keyword on the admin socket. Pure.
+Every builder re-validates what it puts into the line with the project's one
+allow-list (:mod:`agents.common.validation`), and :func:`validate_command`
+checks the finished line against the whole grammar the sink may send: even a
+bug in a builder cannot put a newline or an unexpected keyword on the admin
+socket. Pure.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from agents.common.schema import NAME_PATTERN
+from agents.common import validation
+from agents.common.validation import NAME_PATTERN
+
+_T = TypeVar("_T")
 
 _NAME = NAME_PATTERN.removeprefix("^").removesuffix("$")
 _IP = r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f:.]{2,45}"
@@ -39,11 +43,11 @@ _GRAMMAR = [
     r"prompt",
 ]
 _GRAMMAR_RE = re.compile("|".join(f"(?:{g})" for g in _GRAMMAR))
-_NAME_RE = re.compile(NAME_PATTERN)
 
 
 class CommandError(ValueError):
-    """A command line outside the allowed grammar (a bug, never sent)."""
+    """A command line outside the allowed grammar, or a value outside the
+    allow-list: never sent."""
 
 
 def validate_command(line: str) -> str:
@@ -53,10 +57,15 @@ def validate_command(line: str) -> str:
     return line
 
 
+def _checked(check: Callable[[Any], _T], value: Any) -> _T:
+    try:
+        return check(value)
+    except validation.Invalid as error:
+        raise CommandError(str(error)) from None
+
+
 def _name(value: str) -> str:
-    if not _NAME_RE.fullmatch(value):
-        raise CommandError(f"invalid name {value!r}")
-    return value
+    return _checked(validation.name, value)
 
 
 def _srv(backend: str, server: str) -> str:
@@ -64,22 +73,15 @@ def _srv(backend: str, server: str) -> str:
 
 
 def _ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise CommandError(f"invalid address {value!r}") from None
+    return _checked(validation.ip_literal, value)
 
 
 def _port(value: int) -> int:
-    if not isinstance(value, int) or not 1 <= value <= 65535:
-        raise CommandError(f"invalid port {value!r}")
-    return value
+    return _checked(validation.port, value)
 
 
 def _weight(value: int) -> int:
-    if not isinstance(value, int) or not 0 <= value <= 256:
-        raise CommandError(f"invalid weight {value!r}")
-    return value
+    return _checked(validation.weight, value)
 
 
 def add_server(backend: str, server: str, address: str, port: int, weight: int, check: bool) -> str:

@@ -1,9 +1,10 @@
 """The HAProxy configuration for a catalog (Jinja2 template). Pure.
 
-Every value is validated again here before it reaches the template — the
-schema already did, but the renderer must not depend on its callers: no input
-can produce a line outside :data:`CONFIG_GRAMMAR` (checked by the fuzz tests
-on the built-in template).
+Every value is validated again here, with the project's one allow-list
+(:mod:`agents.common.validation`), before it reaches the template: the schema
+already did, but the renderer must not depend on its callers. With the
+built-in template, a rendered configuration with any line outside
+:data:`CONFIG_GRAMMAR` is refused before it is written (fail closed).
 
 Choices:
 - Every current server is a static ``server`` line: dynamic servers added at
@@ -26,23 +27,22 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 
-from agents.common.schema import NAME_PATTERN
+from agents.common import validation
+from agents.common.validation import NAME_PATTERN
 from agents.discoverer.model import Catalog, Server
+
+_T = TypeVar("_T")
 
 TEMPLATE_NAME = "haproxy.cfg.j2"
 _TEMPLATES = Path(__file__).parent / "templates"
-_NAME_RE = re.compile(NAME_PATTERN)
-# Absolute path without whitespace, quotes or '#' (it goes on config lines).
-_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
-# AF_UNIX paths are limited to 108 bytes; admin.sock is the longest we bind.
-_MAX_STATE_DIR = 90
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,9 @@ class RenderOptions:
 
 
 def render_config(catalog: Catalog, options: RenderOptions) -> str:
+    """The configuration for ``catalog``; :class:`ConfigError` if any value is
+    refused or, with the built-in template, any line is outside its grammar
+    (fail closed: nothing is written)."""
     context = {
         "state_dir": _state_dir(options.state_dir),
         "bind_address": _ip(options.bind_address),
@@ -66,7 +69,22 @@ def render_config(catalog: Catalog, options: RenderOptions) -> str:
         "hard_stop_after_ms": int(max(options.drain_timeout, 5.0) * 1000),
         "services": [_service(catalog, name) for name in sorted(catalog)],
     }
-    return _template(options.template).render(context)
+    text = _template(options.template).render(context)
+    if options.template is None and (violations := grammar_violations(text)):
+        raise ConfigError(f"refusing a configuration with unexpected lines: {violations[:3]!r}")
+    return text
+
+
+def refused_services(catalog: Catalog) -> dict[str, str]:
+    """Services whose values the renderer would refuse, with why: the caller
+    leaves them out (one bad service must not keep the others from a reload)."""
+    refused: dict[str, str] = {}
+    for name in catalog:
+        try:
+            _service(catalog, name)
+        except ConfigError as error:
+            refused[name] = str(error)
+    return refused
 
 
 def _template(path: str | None) -> jinja2.Template:
@@ -91,20 +109,16 @@ def _service(catalog: Catalog, key: str) -> dict[str, Any]:
     service = catalog[key]
     if key != service.name:
         raise ConfigError(f"catalog key {key!r} != service name {service.name!r}")
-    if service.mode not in ("tcp", "http"):
-        raise ConfigError(f"invalid mode {service.mode!r}")
     return {
         "name": _name(service.name),
         "port": _port(service.bind_port),
-        "mode": service.mode,
+        "mode": _checked(validation.mode, service.mode),
         "servers": [_server(service.servers[n]) for n in sorted(service.servers)],
     }
 
 
 def _server(server: Server) -> dict[str, Any]:
-    weight = server.weight
-    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 256:
-        raise ConfigError(f"invalid weight {weight!r}")
+    weight = _checked(validation.weight, server.weight)
     return {
         "name": _name(server.name),
         "address": _ip(server.address),
@@ -115,33 +129,28 @@ def _server(server: Server) -> dict[str, Any]:
     }
 
 
+def _checked(check: Callable[[Any], _T], value: Any) -> _T:
+    try:
+        return check(value)
+    except validation.Invalid as error:
+        raise ConfigError(str(error)) from None
+
+
 def _name(value: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-        raise ConfigError(f"invalid name {value!r}")
-    return value
+    return _checked(validation.name, value)
 
 
 def _port(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(f"invalid port {value!r}")
-    return value
+    return _checked(validation.port, value)
 
 
 def _ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ConfigError(f"invalid IP address {value!r}") from None
+    return _checked(validation.ip_literal, value)
 
 
 def _state_dir(value: str) -> str:
     value = value.rstrip("/") or "/"
-    if not _PATH_RE.fullmatch(value) or len(value) > _MAX_STATE_DIR:
-        raise ConfigError(
-            f"state dir {value!r} must be an absolute path of at most {_MAX_STATE_DIR} "
-            "characters [A-Za-z0-9_./-]"
-        )
-    return value
+    return _checked(lambda v: validation.path(v, "state dir", validation.MAX_STATE_DIR), value)
 
 
 def _stats_bind(value: str) -> str | None:

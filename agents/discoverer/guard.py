@@ -35,7 +35,9 @@ class EmptyPrefixGuard:
     def __init__(self) -> None:
         self.alarm = False
         self.cause: EmptyCause | None = None
+        self.created: Mapping[str, int] = {}
         self._last: Mapping[str, Instance] = {}  # the last non-empty live state served
+        self._last_created: Mapping[str, int] = {}  # its keys' create revisions
 
     @property
     def held(self) -> int:
@@ -43,12 +45,18 @@ class EmptyPrefixGuard:
         return len(self._last) if self.alarm else 0
 
     def filter(
-        self, live: Mapping[str, Instance], cause: EmptyCause | None
+        self,
+        live: Mapping[str, Instance],
+        cause: EmptyCause | None,
+        created: Mapping[str, int] | None = None,
     ) -> Mapping[str, Instance]:
         """The instances to serve, given the live state and why it is empty.
 
-        ``live`` is kept as the fallback: pass a snapshot nobody mutates later.
+        ``live`` (and ``created``, its keys' create revisions) is kept as the
+        fallback: pass a snapshot nobody mutates later. :attr:`created` is
+        the create revisions of what was returned.
         """
+        live_created = created or {}
         if live:
             if self.alarm:
                 log.warning(
@@ -57,6 +65,7 @@ class EmptyPrefixGuard:
                     held=len(self._last),
                 )
             self.alarm, self.cause, self._last = False, None, live
+            self._last_created = self.created = live_created
             return live
         if cause in HOLD_CAUSES and self._last:
             if not self.alarm:
@@ -68,6 +77,8 @@ class EmptyPrefixGuard:
                     hosts=len({i.host_id for i in self._last.values()}),
                 )
             self.alarm, self.cause = True, cause
+            self.created = self._last_created
             return self._last
         self.alarm, self.cause, self._last = False, None, live
+        self._last_created = self.created = live_created
         return live

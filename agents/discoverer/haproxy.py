@@ -28,6 +28,7 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ from agents.common.logging import OnceEvery, get_logger
 from agents.common.schema import NAME_PATTERN
 from agents.common.settings import DiscovererSettings
 from agents.discoverer import commands as cmd
-from agents.discoverer.config import RenderOptions, render_config
+from agents.discoverer.config import RenderOptions, refused_services, render_config
 from agents.discoverer.metrics import SinkMetrics, default_metrics
 from agents.discoverer.model import Catalog, Server, ServerState, Service
 from agents.discoverer.plan import (
@@ -64,6 +65,9 @@ _IDLE_RECONNECT_S = 60.0
 _SUPERVISE_EVERY_S = 0.05
 _RESYNC_EVERY_S = 1.0
 _POLL_S = 0.05  # cap of the removal polls
+# A listener or server HAProxy refused is tried again after this long (or as
+# soon as its catalog entry changes): a port may be freed meanwhile.
+_REFUSED_RETRY_S = 60.0
 
 
 def _poll_delays() -> Iterator[float]:
@@ -122,6 +126,11 @@ class RuntimeClient:
                     return await self._exchange(lines)
             except _CLI_ERRORS:
                 await self._drop()
+                raise
+            except BaseException:
+                # Cancelled mid-exchange: the answers still on their way would
+                # be read by the next command as its own. Close, do not await.
+                self.reset()
                 raise
 
     async def read(self, lines: Sequence[str]) -> list[str]:
@@ -437,6 +446,12 @@ class HaproxySink:
         self._started = False
         self._status = _Status()
         self._quiet = OnceEvery(60.0)
+        # What HAProxy could not take, and the catalog entry it was refused
+        # for: tried again when that entry changes, or after _REFUSED_RETRY_S.
+        self._refused_listeners: dict[str, _Refusal] = {}
+        self._refused_servers: dict[tuple[str, str], _Refusal] = {}
+        self._screened: dict[str, Service] = {}  # the catalog entries checked already
+        self._trimmed: dict[str, tuple[Service, Service]] = {}  # entry -> without refused servers
 
     # -- public API -------------------------------------------------------------
 
@@ -448,7 +463,7 @@ class HaproxySink:
         with no reload if every listener is already there.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._desired = catalog
+        self._desired = self._screen(catalog)
         async with self._lock:
             if await self.master.answers():
                 await self.master.adopt()
@@ -462,7 +477,7 @@ class HaproxySink:
 
     async def apply(self, catalog: Catalog) -> None:
         """Runtime commands for every instance change now; a reload later if needed."""
-        self._desired = catalog
+        self._desired = self._screen(catalog)
         async with self._lock:
             await self._sync_locked()
 
@@ -520,6 +535,83 @@ class HaproxySink:
     def worker_pid(self) -> int | None:
         return self._worker_pid
 
+    def refused(self) -> dict[tuple[str, str | None], str]:
+        """(service, server; None: its listener) -> why HAProxy could not take it."""
+        refused: dict[tuple[str, str | None], str] = {
+            (name, None): r.reason for name, r in self._refused_listeners.items()
+        }
+        refused.update({key: r.reason for key, r in self._refused_servers.items()})
+        return refused
+
+    # -- what HAProxy cannot take: left out, the rest goes on ---------------------
+
+    def _screen(self, catalog: Catalog) -> Catalog:
+        """``catalog`` less what was refused (listeners, servers) and is unchanged since."""
+        now = time.monotonic()
+        self._refused_listeners = {
+            name: r
+            for name, r in self._refused_listeners.items()
+            if r.holds(catalog.get(name), now)
+        }
+        self._refused_servers = {
+            key: r for key, r in self._refused_servers.items() if r.holds(catalog.get(key[0]), now)
+        }
+        for name, service in catalog.items():
+            if self._screened.get(name) is not service:
+                reason = refused_services({name: service}).get(name)
+                if reason is not None:
+                    self._refuse_listener(service, reason)
+        self._screened = dict(catalog)
+        return {
+            name: self._without_refused_servers(service)
+            for name, service in catalog.items()
+            if name not in self._refused_listeners
+        }
+
+    def _without_refused_servers(self, service: Service) -> Service:
+        refused = {s for (b, s) in self._refused_servers if b == service.name}
+        if not refused:
+            return service
+        trimmed = self._trimmed.get(service.name)
+        if trimmed is not None and trimmed[0] is service and refused == _missing(trimmed):
+            return trimmed[1]  # the same object as last time: the diff skips it
+        servers = {n: s for n, s in service.servers.items() if n not in refused}
+        copy = Service(service.name, service.bind_port, service.mode, servers)
+        self._trimmed[service.name] = (service, copy)
+        return copy
+
+    def _refuse_listener(self, service: Service, reason: str) -> None:
+        self._refused_listeners[service.name] = _Refusal(service, reason, time.monotonic())
+        self._desired = {n: s for n, s in self._desired.items() if n != service.name}
+        log.warning("listener refused", service=service.name, port=service.bind_port,
+                    reason=reason)  # fmt: skip
+
+    def _refuse_server(self, backend: str, server: str, reason: str) -> None:
+        entry = self._screened.get(backend)
+        if entry is None:
+            return
+        self._refused_servers[(backend, server)] = _Refusal(entry, reason, time.monotonic())
+        log.warning("server refused", backend=backend, server=server, reason=reason)
+
+    def _refuse_unbindable(self, new: Catalog) -> None:
+        """Leave out the new listeners whose port another process holds."""
+        for service in new.values():
+            error = _bind_error(self.options.bind_address, service.bind_port)
+            if error is not None:
+                self._refuse_listener(service, error)
+
+    def _refuse_culprits(
+        self, error: HaproxyError, text: str, new: Catalog, *, blame_all_new: bool
+    ) -> None:
+        """After HAProxy refused a configuration: leave out the services it
+        names (or else, on a reload, every new listener: the running ones
+        keep their updates)."""
+        named = _culprits(str(error), text) & new.keys()
+        if not named and not (blame_all_new and new):
+            return  # not one service's fault: retried as a whole
+        for name in named or new.keys():
+            self._refuse_listener(new[name], f"HAProxy refused it: {_last_alert(str(error))}")
+
     # -- sync: view → desired ---------------------------------------------------
 
     async def _sync_locked(self) -> None:
@@ -551,17 +643,27 @@ class HaproxySink:
 
     async def _execute(self, plan: Plan) -> None:
         batch: list[str] = []
+        owners: list[Action] = []  # the action each line of the batch is for
         removals: list[RemoveServer] = []
         for action in plan.actions:
             if isinstance(action, RemoveServer):
                 if (action.backend, action.name) in self._removals:
                     continue
                 removals.append(action)
-            batch += _commands(action)
+            try:
+                lines = _commands(action)
+            except cmd.CommandError as error:  # a value no command may carry: that server only
+                self._refuse_server(action.backend, _server_of(action), str(error))
+                continue
+            batch += lines
+            owners += [action] * len(lines)
         if not batch:
             return
         answers = await self._send(batch)
         errors = [f"{line}: {a}" for line, a in zip(batch, answers, strict=True) if cmd.is_error(a)]
+        for action, answer in zip(owners, answers, strict=True):
+            if isinstance(action, AddServer) and cmd.is_error(answer):
+                self._refuse_server(action.backend, action.server.name, f"add server: {answer}")
         for action in plan.actions:
             _update_view(self._view, action)
         self.metrics.changes_applied.inc(len(plan.actions))
@@ -671,10 +773,19 @@ class HaproxySink:
             return  # what needed it went away again meanwhile
         loop = asyncio.get_running_loop()
         began = loop.time()
+        new = {n: s for n, s in self._desired.items() if n not in self._view}
+        self._refuse_unbindable(new)
+        if not diff(self._view, self._desired).reload:
+            return  # only refused listeners needed it
         # Rendered from the full current catalog at reload time: runtime changes made
         # while the reload was pending are in it.
-        await self.master.write_config(render_config(self._desired, self.options))
-        proc = await self.master.reload()
+        text = render_config(self._desired, self.options)
+        try:
+            await self.master.write_config(text)
+            proc = await self.master.reload()
+        except HaproxyError as error:
+            self._refuse_culprits(error, text, new, blame_all_new=True)
+            raise
         self._after_new_worker()
         await self._read_new_worker(proc.worker_pid)
         await self._sync_locked()  # drains the draining servers (rendered weight 0)
@@ -732,8 +843,14 @@ class HaproxySink:
 
     async def _launch_locked(self) -> None:
         began = time.monotonic()
-        await self.master.write_config(render_config(self._desired, self.options))
-        proc = await self.master.launch()
+        self._refuse_unbindable(self._desired)
+        text = render_config(self._desired, self.options)
+        try:
+            await self.master.write_config(text)
+            proc = await self.master.launch()
+        except HaproxyError as error:
+            self._refuse_culprits(error, text, dict(self._desired), blame_all_new=False)
+            raise
         self._after_new_worker()
         await self._read_new_worker(proc.worker_pid)
         self._last_reload = asyncio.get_running_loop().time()
@@ -746,6 +863,78 @@ class HaproxySink:
         self._status.last_error = f"{what}: {error}"
         if self._quiet.should_log("error"):
             log.warning("HAProxy operation failed", what=what, error=str(error))
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    entry: Service  # the catalog entry it was refused for
+    reason: str
+    since: float
+
+    def holds(self, current: Service | None, now: float) -> bool:
+        """Still in force: the entry is unchanged and the retry time is not up."""
+        return current is self.entry and now - self.since < _REFUSED_RETRY_S
+
+
+def _missing(trimmed: tuple[Service, Service]) -> set[str]:
+    return trimmed[0].servers.keys() - trimmed[1].servers.keys()
+
+
+def _server_of(action: Action) -> str:
+    return action.server.name if isinstance(action, AddServer | SetAddress) else action.name
+
+
+def _bind_error(address: str, port: int) -> str | None:
+    """Why HAProxy could not bind ``address:port`` now (None: it can).
+
+    A plain bind, without SO_REUSEPORT: a port that another process listens
+    on is refused, as HAProxy's own bind would be.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            return f"cannot bind {address}:{port}: {error.strerror}"
+    return None
+
+
+_BIND_ALERT = re.compile(r"\[(?:[0-9.]+|[0-9a-fA-F:]+|\*|):([0-9]{1,5})\]")
+_LINE_ALERT = re.compile(r"\[[^\]]*haproxy\.cfg(?:\.new)?:([0-9]+)\]")
+_SECTION = re.compile(r"^(?:frontend fe_[0-9]+_|backend )([A-Za-z0-9_.-]+)$")
+
+
+def _culprits(alerts: str, text: str) -> set[str]:
+    """The services HAProxy's alerts name: by the port a bind failed on, or
+    by the configuration line (the section it is in)."""
+    lines = text.split("\n")
+    sections: list[str | None] = []
+    current: str | None = None
+    for line in lines:
+        match = _SECTION.match(line)
+        current = match[1] if match else (None if line and not line[0].isspace() else current)
+        sections.append(current)
+    named: set[str] = set()
+    for alert in alerts.splitlines():
+        if "cannot bind" in alert or "Address already in use" in alert:
+            for port in _BIND_ALERT.findall(alert):
+                named |= {s for s in _frontends_on(lines, int(port))}
+        for number in _LINE_ALERT.findall(alert):
+            index = int(number) - 1
+            if 0 <= index < len(sections) and sections[index] is not None:
+                named.add(str(sections[index]))
+    return named
+
+
+def _frontends_on(lines: list[str], port: int) -> set[str]:
+    prefix = f"frontend fe_{port}_"
+    return {line.removeprefix(prefix) for line in lines if line.startswith(prefix)}
+
+
+def _last_alert(text: str) -> str:
+    alerts = [line.strip() for line in text.splitlines() if "ALERT" in line]
+    return (alerts[-1] if alerts else text.strip().splitlines()[-1] if text.strip() else "")[-300:]
 
 
 def _commands(action: Action) -> list[str]:

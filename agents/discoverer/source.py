@@ -63,6 +63,8 @@ class Snapshot:
     """The whole current state after one batch of changes."""
 
     instances: Mapping[str, Instance]  # key -> instance, valid entries only
+    created: Mapping[str, int]  # key -> etcd create_revision, for every key of ``instances``
+    refused: Mapping[str, str]  # key -> why its value was refused (entries that do not parse)
     revision: int  # the etcd revision this state reflects
     relisted: bool  # the state was replaced by a full list in this batch
     # The keys put or deleted since the previous snapshot (None: relisted,
@@ -84,6 +86,8 @@ class PrefixState:
         self.prefix = prefix
         self.report_bad = report_bad or _log_bad_entry
         self.instances: dict[str, Instance] = {}
+        self.created: dict[str, int] = {}  # key -> create_revision of each instance
+        self.refused: dict[str, str] = {}  # key -> why its value does not parse
         self.keys: dict[str, int] = {}
         self.revision = 0
         self.empty_cause: EmptyCause | None = None
@@ -95,16 +99,19 @@ class PrefixState:
 
     # -- input -------------------------------------------------------------
 
-    def replace(self, revision: int, entries: Iterable[tuple[bytes | str, bytes, int]]) -> None:
-        """A full list at ``revision``: (key, value, mod revision) of every key."""
+    def replace(
+        self, revision: int, entries: Iterable[tuple[bytes | str, bytes, int, int]]
+    ) -> None:
+        """A full list at ``revision``: (key, value, mod revision, create revision) of every key."""
         had_instances = bool(self.instances)
         self.instances, self.keys, self._hosts = {}, {}, Counter()
-        for raw_key, value, mod_revision in entries:
+        self.created, self.refused = {}, {}
+        for raw_key, value, mod_revision, create_revision in entries:
             key = _text(raw_key)
             self.keys[key] = mod_revision
             instance = self._parse(key, value, mod_revision)
             if instance is not None:
-                self._add(key, instance)
+                self._add(key, instance, create_revision or mod_revision)
         self._reported = {k: r for k, r in self._reported.items() if k in self.keys}
         self.revision = revision
         self._open_revision = 0
@@ -116,7 +123,9 @@ class PrefixState:
         self._relisted = True
         self._touch()
 
-    def apply(self, raw_key: bytes | str, value: bytes | None, revision: int) -> None:
+    def apply(
+        self, raw_key: bytes | str, value: bytes | None, revision: int, create_revision: int = 0
+    ) -> None:
         """One watch event: a put (``value`` set) or a delete (``value`` None)."""
         if revision < self.revision:
             return  # replayed by a resumed watch: already applied
@@ -130,6 +139,7 @@ class PrefixState:
         self._changed.add(key)
         had_instances = bool(self.instances)
         self._remove(key)
+        self.refused.pop(key, None)
         if value is None:
             self.keys.pop(key, None)
             self._reported.pop(key, None)
@@ -137,7 +147,7 @@ class PrefixState:
             self.keys[key] = revision
             instance = self._parse(key, value, revision)
             if instance is not None:
-                self._add(key, instance)
+                self._add(key, instance, create_revision or revision)
                 self._added.append(instance)
         if self.instances:
             self.empty_cause = None
@@ -155,6 +165,8 @@ class PrefixState:
     def take_batch(self) -> Snapshot:
         snapshot = Snapshot(
             instances=dict(self.instances),
+            created=dict(self.created),
+            refused=dict(self.refused),
             revision=self.revision,
             relisted=self._relisted,
             changed=None if self._relisted else frozenset(self._changed),
@@ -177,11 +189,13 @@ class PrefixState:
         if self._first_change_at is None:
             self._first_change_at = time.monotonic()
 
-    def _add(self, key: str, instance: Instance) -> None:
+    def _add(self, key: str, instance: Instance, create_revision: int) -> None:
         self.instances[key] = instance
+        self.created[key] = create_revision
         self._hosts[instance.host_id] += 1
 
     def _remove(self, key: str) -> None:
+        self.created.pop(key, None)
         old = self.instances.pop(key, None)
         if old is not None:
             self._hosts[old.host_id] -= 1
@@ -192,6 +206,7 @@ class PrefixState:
         try:
             return parse_entry(self.prefix, key, value)
         except SchemaError as error:
+            self.refused[key] = str(error)
             # Once per key and revision: a re-list must not repeat the line.
             if self._reported.get(key) != revision:
                 self._reported[key] = revision
@@ -249,6 +264,23 @@ class EtcdSource:
             status["outage_seconds"] = round(time.monotonic() - self.outage_since, 1)
         return status
 
+    @property
+    def pending(self) -> bool:
+        return self.state.pending
+
+    async def wait_for_changes(self, at_most: float) -> None:
+        """Return after ``at_most`` seconds, or as soon as changes are pending."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + at_most
+        while not self.state.pending and (left := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
+            except TimeoutError:
+                return
+            if not self.state.pending:  # woken for something else: do not spin
+                await asyncio.sleep(min(left, 0.05))
+
     async def updates(self) -> AsyncIterator[Snapshot]:
         """The first snapshot is the initial list; then one per batch of changes."""
         pump = asyncio.create_task(self._run(), name="etcd-source")
@@ -301,7 +333,9 @@ class EtcdSource:
     async def _list(self) -> None:
         revision, items = await self.etcd.get_prefix(self.key_prefix)
         RELISTS.inc()
-        self.state.replace(revision, ((kv.key, kv.value, kv.mod_revision) for kv in items))
+        self.state.replace(
+            revision, ((kv.key, kv.value, kv.mod_revision, kv.create_revision) for kv in items)
+        )
         if not self.listed:
             self.listed = True
             log.info(
@@ -324,7 +358,7 @@ class EtcdSource:
             self.key_prefix, start, on_created=self._watch_created
         ):
             WATCH_EVENTS.inc()
-            self.state.apply(event.key, event.value, event.revision)
+            self.state.apply(event.key, event.value, event.revision, event.create_revision)
             self._changed.set()
 
     def _watch_created(self) -> None:

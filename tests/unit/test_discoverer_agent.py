@@ -34,6 +34,8 @@ def inst(n: int, service: str = "web", host: str = "host-a", **extra: Any) -> In
 def snap(*instances: Instance, cause: EmptyCause | None = None, relisted: bool = False) -> Snapshot:
     return Snapshot(
         instances={instance_key(PREFIX, i): i for i in instances},
+        created={instance_key(PREFIX, i): n + 1 for n, i in enumerate(instances)},
+        refused={},
         revision=1,
         relisted=relisted,
         changed=None,
@@ -53,6 +55,13 @@ class ScriptedSource:
 
     def status(self) -> dict[str, object]:
         return {"watching": True}
+
+    @property
+    def pending(self) -> bool:
+        return not self.queue.empty()
+
+    async def wait_for_changes(self, at_most: float) -> None:
+        await asyncio.sleep(at_most)
 
 
 class RecordingSink:
@@ -79,6 +88,9 @@ class RecordingSink:
 
     def healthy(self) -> tuple[bool, dict[str, object]]:
         return True, {"worker_pid": 1}
+
+    def refused(self) -> dict[tuple[str, str | None], str]:
+        return {}
 
 
 def settings(**kw: Any) -> DiscovererSettings:
@@ -162,9 +174,9 @@ async def test_apply_failure_is_retried_and_logged_once() -> None:
     await stop(task)
 
 
-async def test_conflicts_logged_once() -> None:
+async def test_conflicts_quarantined_and_logged_once() -> None:
     source, sink = ScriptedSource(), RecordingSink()
-    _, task = await run_with(source, sink)
+    agent, task = await run_with(source, sink)
     early = datetime.now(UTC) - timedelta(seconds=5)
     a = inst(1, "web", frontend_port=80, registered_at=early)
     b = inst(2, "api", frontend_port=80)
@@ -172,9 +184,14 @@ async def test_conflicts_logged_once() -> None:
         source.queue.put_nowait(snap(a, b))
         source.queue.put_nowait(snap(a, b))
         await until(lambda: sink.applied)
-    conflicts = [e for e in logs if e["event"] == "instance conflicts with the catalog"]
-    assert len(conflicts) == 1 and conflicts[0]["service"] == "api"
+    quarantined = [e for e in logs if e["event"] == "quarantined"]
+    key = instance_key(PREFIX, b)
+    assert [(e["key"], e["reason"]) for e in quarantined] == [(key, "port 80 is used by web")]
     assert set(sink.applied[-1]) == {"web"}
+    ok, health = agent.health()
+    assert ok and health["quarantined"] == [
+        {"key": key, "stage": "catalog", "reason": "port 80 is used by web"}
+    ]
     await stop(task)
 
 
@@ -192,7 +209,7 @@ async def test_changed_keys_are_not_trusted_across_a_held_state() -> None:
     def served() -> set[str]:
         return set(agent.catalog["web"].servers) if "web" in agent.catalog else set()
 
-    state.replace(4, [(*entry(a), 1), (*entry(b), 2)])
+    state.replace(4, [(*entry(a), 1, 1), (*entry(b), 2, 2)])
     source.queue.put_nowait(state.take_batch())
     await until(lambda: sink.started)
     state.apply(entry(a)[0], None, 5)  # one revision removes both hosts' keys: a wipe

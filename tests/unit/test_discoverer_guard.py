@@ -26,7 +26,7 @@ def key(i: Instance) -> str:
 
 def setup(*instances: Instance) -> tuple[PrefixState, EmptyPrefixGuard]:
     s = PrefixState(PREFIX)
-    s.replace(10, [(key(i), i.to_json(), 5) for i in instances])
+    s.replace(10, [(key(i), i.to_json(), 5, 5) for i in instances])
     g = EmptyPrefixGuard()
     g.filter(dict(s.instances), s.empty_cause)
     return s, g

@@ -53,13 +53,13 @@ def state() -> tuple[PrefixState, Bad]:
 def test_list_then_events() -> None:
     s, _ = state()
     a, b = inst(1), inst(2)
-    s.replace(10, [(*entry(a), 5)])
+    s.replace(10, [(*entry(a), 5, 5)])
     assert list(s.instances.values()) == [a]
     assert s.revision == 10
     snap = s.take_batch()
     assert snap.relisted and snap.revision == 10 and snap.added == ()
     assert snap.changed is None  # a full list: anything may have changed
-    s.apply(*entry(b), 11)
+    s.apply(*entry(b), 11, 11)
     s.apply(entry(a)[0], None, 12)
     snap = s.take_batch()
     assert list(snap.instances.values()) == [b]
@@ -74,16 +74,16 @@ def test_list_then_events() -> None:
 def test_replayed_older_revision_is_ignored() -> None:
     s, _ = state()
     a = inst(1)
-    s.apply(*entry(a), 20)
+    s.apply(*entry(a), 20, 20)
     s.apply(entry(a)[0], None, 19)  # an old event replayed: must not undo rev 20
     assert len(s.instances) == 1
 
 
 def test_snapshot_is_a_copy() -> None:
     s, _ = state()
-    s.apply(*entry(inst(1)), 2)
+    s.apply(*entry(inst(1)), 2, 2)
     snap = s.take_batch()
-    s.apply(*entry(inst(2)), 3)
+    s.apply(*entry(inst(2)), 3, 3)
     assert len(snap.instances) == 1
 
 
@@ -141,8 +141,8 @@ def test_crafted_values_never_become_instances(fields: dict[str, Any]) -> None:
 def test_bad_entry_logged_once_per_key_and_revision() -> None:
     s, bad = state()
     key = f"{PREFIX}/services/web/host-a/{'b' * 12}:80"
-    s.replace(5, [(key, b"junk", 4)])
-    s.replace(9, [(key, b"junk", 4)])  # a re-list: same revision, no new line
+    s.replace(5, [(key, b"junk", 4, 4)])
+    s.replace(9, [(key, b"junk", 4, 4)])  # a re-list: same revision, no new line
     assert len(bad.lines) == 1
     s.apply(key, b"junk again", 10)  # rewritten: a new revision, one new line
     assert len(bad.lines) == 2
@@ -163,8 +163,8 @@ def test_bad_value_over_a_good_key_removes_the_instance() -> None:
 def test_bad_entry_logs_one_line() -> None:
     s = PrefixState(PREFIX)  # the default reporter: the structlog logger
     with capture_logs() as logs:
-        s.apply(f"{PREFIX}/services/web/h/{'c' * 12}:80", b"junk", 2)
-        s.replace(3, [(f"{PREFIX}/services/web/h/{'c' * 12}:80", b"junk", 2)])
+        s.apply(f"{PREFIX}/services/web/h/{'c' * 12}:80", b"junk", 2, 2)
+        s.replace(3, [(f"{PREFIX}/services/web/h/{'c' * 12}:80", b"junk", 2, 2)])
     assert [entry["event"] for entry in logs] == ["skipping etcd entry that does not parse"]
     assert logs[0]["revision"] == 2
 
@@ -174,7 +174,11 @@ def test_good_entries_around_a_bad_one_keep_working() -> None:
     a, b = inst(1), inst(2, host="host-b")
     s.replace(
         3,
-        [(*entry(a), 1), (f"{PREFIX}/services/web/host-a/{'d' * 12}:1", b"[]", 2), (*entry(b), 3)],
+        [
+            (*entry(a), 1, 1),
+            (f"{PREFIX}/services/web/host-a/{'d' * 12}:1", b"[]", 2, 2),
+            (*entry(b), 3, 3),
+        ],
     )
     assert set(s.instances) == {entry(a)[0], entry(b)[0]}
     assert len(bad.lines) == 1
@@ -186,7 +190,7 @@ def test_good_entries_around_a_bad_one_keep_working() -> None:
 def test_wipe_of_several_hosts_in_one_revision() -> None:
     s, _ = state()
     a, b = inst(1, "host-a"), inst(2, "host-b")
-    s.replace(5, [(*entry(a), 3), (*entry(b), 4)])
+    s.replace(5, [(*entry(a), 3, 3), (*entry(b), 4, 4)])
     s.apply(entry(a)[0], None, 6)
     assert s.empty_cause is None
     s.apply(entry(b)[0], None, 6)  # same revision: delete --prefix
@@ -196,7 +200,7 @@ def test_wipe_of_several_hosts_in_one_revision() -> None:
 def test_lease_expiry_of_the_only_host_is_ordinary() -> None:
     s, _ = state()
     instances = [inst(i, "host-a") for i in range(5)]
-    s.replace(5, [(*entry(i), 3) for i in instances])
+    s.replace(5, [(*entry(i), 3, 3) for i in instances])
     for instance in instances:  # one lease: every key in one revision
         s.apply(entry(instance)[0], None, 6)
     assert s.instances == {}
@@ -206,7 +210,7 @@ def test_lease_expiry_of_the_only_host_is_ordinary() -> None:
 def test_hosts_leaving_one_after_the_other_is_ordinary() -> None:
     s, _ = state()
     a, b = inst(1, "host-a"), inst(2, "host-b")
-    s.replace(5, [(*entry(a), 3), (*entry(b), 4)])
+    s.replace(5, [(*entry(a), 3, 3), (*entry(b), 4, 4)])
     s.apply(entry(a)[0], None, 6)  # host-a's lease expires
     s.apply(entry(b)[0], None, 7)  # then host-b's
     assert s.empty_cause == "deletes"
@@ -215,7 +219,7 @@ def test_hosts_leaving_one_after_the_other_is_ordinary() -> None:
 def test_last_instance_removed() -> None:
     s, _ = state()
     a = inst(1)
-    s.apply(*entry(a), 2)
+    s.apply(*entry(a), 2, 2)
     s.apply(entry(a)[0], None, 3)
     assert s.empty_cause == "deletes"
 
@@ -223,16 +227,16 @@ def test_last_instance_removed() -> None:
 def test_wipe_then_refill_in_one_transaction_is_not_empty() -> None:
     s, _ = state()
     a, b = inst(1, "host-a"), inst(2, "host-b")
-    s.replace(5, [(*entry(a), 3), (*entry(b), 4)])
+    s.replace(5, [(*entry(a), 3, 3), (*entry(b), 4, 4)])
     s.apply(entry(a)[0], None, 6)
     s.apply(entry(b)[0], None, 6)
-    s.apply(*entry(a), 6)
+    s.apply(*entry(a), 6, 6)
     assert s.empty_cause is None
 
 
 def test_relist_empty_after_instances() -> None:
     s, _ = state()
-    s.replace(5, [(*entry(inst(1)), 3)])
+    s.replace(5, [(*entry(inst(1)), 3, 3)])
     s.replace(50, [])
     assert s.empty_cause == "relist"
 
@@ -246,7 +250,7 @@ def test_startup_empty_is_not_a_wipe() -> None:
 def test_relist_keeps_an_earlier_wipe() -> None:
     s, _ = state()
     a, b = inst(1, "host-a"), inst(2, "host-b")
-    s.replace(5, [(*entry(a), 3), (*entry(b), 4)])
+    s.replace(5, [(*entry(a), 3, 3), (*entry(b), 4, 4)])
     s.apply(entry(a)[0], None, 6)
     s.apply(entry(b)[0], None, 6)
     s.replace(60, [])
@@ -256,7 +260,7 @@ def test_relist_keeps_an_earlier_wipe() -> None:
 def test_bad_values_count_as_gone_for_the_wipe_rule() -> None:
     s, _ = state()
     a, b = inst(1, "host-a"), inst(2, "host-b")
-    s.replace(5, [(*entry(a), 3), (*entry(b), 4)])
+    s.replace(5, [(*entry(a), 3, 3), (*entry(b), 4, 4)])
     s.apply(entry(a)[0], b"x", 6)
     s.apply(entry(b)[0], b"x", 6)
     assert s.empty_cause == "wipe"
