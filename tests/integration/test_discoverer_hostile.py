@@ -31,6 +31,7 @@ from discoverer_support import (
     make_instance,
     metric,
     never_answered_by,
+    request,
 )
 from structlog.testing import capture_logs
 from test_discoverer_agent import (
@@ -87,6 +88,14 @@ async def wait_quarantined(d: Running, key: str, within: float = 10.0) -> str:
     raise AssertionError(
         f"{key!r} not quarantined with /healthz ok within {within}s; last /healthz: {health}"
     )
+
+
+async def wait_released(d: Running, key: str, within: float = 10.0) -> None:
+    """Wait until ``key`` is no longer listed as quarantined."""
+    deadline = time.monotonic() + within
+    while key in await quarantine(d):
+        assert time.monotonic() < deadline, f"{key!r} still quarantined after {within}s"
+        await asyncio.sleep(0.02)
 
 
 def config_text(d: Running) -> str:
@@ -226,6 +235,11 @@ async def test_naive_registered_at_is_quarantined_and_others_keep_routing(
             for key in keys:
                 await wait_quarantined(d2, key)
             assert await metric(d2.admin_port, QUARANTINED_GAUGE) == 2
+            # Its owner fixes the value: routed, and out of quarantine.
+            await w.put(naive_in_good)
+            await routable(good_port, "naive")
+            await wait_released(d2, keys[1])
+            assert keys[0] in await quarantine(d2)
             assert_alive(d2)
 
 
@@ -326,13 +340,22 @@ async def test_port_owner_keeps_its_port_while_it_has_any_instance(
             await w.put(make_instance("beta", up["B"].port, b_private, frontend_port=port))
             await _sync(w, up, "s1")
             # A's oldest instance is replaced by a newer one (registered after B).
-            await w.put(make_instance("alpha", up["A2"].port, port, host="host-b"))
+            a2 = make_instance("alpha", up["A2"].port, port, host="host-b")
+            await w.put(a2)
             await routable(port, "A2")
             await w.delete(a1)
             await _sync(w, up, "s2")
             assert await never_answered_by(port, "A1")
             assert await answered_by(port, "A2")
             assert await never_answered_by(port, "B"), "B took the port while A had an instance"
+            # A has no instance left: the port is free, B gets it.
+            await w.delete(a2)
+            try:
+                await routable(port, "B", within=15)
+            except AssertionError:
+                raise AssertionError(
+                    f"B never got the freed port: {await healthz(d.admin_port)}"
+                ) from None
             assert_config_in_grammar(d)
             assert_alive(d)
 
@@ -354,6 +377,46 @@ async def test_instance_whose_mode_differs_from_its_listener_is_quarantined(
             assert "mode" in reason or "http" in reason, reason
             assert instance_key(prefix, first) not in await quarantine(d)
             assert await answered_by(port, "tcp1")
+            # The tcp instance goes (a redeploy that changed pilotfish.mode): the
+            # service's remaining instance gives the listener its mode, on the same port.
+            await w.delete(first)
+            try:
+                await routable(port, "http1", within=15)
+            except AssertionError:
+                raise AssertionError(
+                    f"the http instance never took over: {await healthz(d.admin_port)}"
+                ) from None
+            await wait_released(d, instance_key(prefix, other_mode))
+            assert_config_in_grammar(d)
+            assert_alive(d)
+
+
+# -- finding 9 (second half): a registration pointing a frontend at itself -------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1"])
+async def test_instance_pointing_at_its_own_listener_is_quarantined(
+    etcd: Any, prefix: str, tmp_path: Path, address: str
+) -> None:
+    """Consumer frontends bind 127.0.0.1; each of these addresses reaches that
+    listener from the consumer host (0.0.0.0 and the IPv4-mapped address too),
+    so HAProxy would connect to itself, connection after connection."""
+    good_port, loop_port = free_port(), free_port()
+    async with upstreams("good", "s1") as up, writer(endpoint_of(etcd), prefix) as w:
+        await w.put(make_instance("good", up["good"].port, good_port))
+        async with discoverer(tmp_path, endpoint_of(etcd), prefix) as d:
+            await routable(good_port, "good")
+            looping = make_instance("loop", loop_port, loop_port).model_copy(
+                update={"address": address}
+            )
+            await w.put(looping)
+            await _sync(w, up, "s1")
+            reason = await wait_quarantined(d, instance_key(prefix, looping))
+            assert "own listener" in reason or "itself" in reason, reason
+            began = time.monotonic()
+            await request(loop_port, within=3.0)  # a 503 or a refusal, at once
+            assert time.monotonic() - began < 2.0, "a request to the looping service hung"
+            assert await answered_by(good_port, "good")
             assert_alive(d)
 
 

@@ -307,7 +307,7 @@ async def step(stage: Stage, writes: dict[str, bytes]) -> None:
                 assert key in quarantined, f"{key} refused by the schema ({error}), not quarantined"
         assert all(isinstance(r, str) and r for r in quarantined.values()), quarantined
         gauge = await metric(d.admin_port, "pilotfish_discoverer_quarantined")
-        assert gauge == len(quarantined), (gauge, quarantined)
+        assert gauge == len(listed), (gauge, listed)  # a key may be listed once per stage
         stage.quarantined_seen |= set(quarantined)
         stage.steps += 1
     finally:
