@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from discoverer_support import answered_by, healthz, make_instance, metric
+from discoverer_support import answered_by, healthz, http_get, make_instance, metric
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from test_discoverer_agent import Running, Writer, discoverer, endpoint_of, upstreams, writer
@@ -72,15 +72,19 @@ class LoopThread:
 
 
 # Where hostile values are written: (service, host id, container id). The
-# private port is filled in at run time: its own reserved port for hx*, the
-# good service's consumer port for "good" (an instance in the good backend)
-# and "hxc" (a service wanting the good service's port).
+# private port is filled in at run time: its own reserved port for hx0-hx2,
+# the good service's consumer port for "good" (an instance in the good
+# backend) and "hxc" (a service wanting the good service's port), the stats
+# page's and the admin endpoint's ports for "hxs" and "hxa".
 SLOTS: list[tuple[str, str, str]] = [
     ("hx0", "host-h0", "a0a0a0a0a0a0"),
     ("hx1", "host-h1", "a1a1a1a1a1a1"),
     ("hx2", "h" * 63, "a2a2a2a2a2a2"),
     ("good", "evil-host", "a3a3a3a3a3a3"),
     ("hxc", "host-c", "a4a4a4a4a4a4"),
+    # Services wanting the ports of HAProxy's stats page and of the admin endpoint.
+    ("hxs", "host-s", "a5a5a5a5a5a5"),
+    ("hxa", "host-a", "a6a6a6a6a6a6"),
 ]
 GOOD_CONTAINER = "600d600d600d"
 # A change to the good service reaches HAProxy within this (a reload in
@@ -130,6 +134,8 @@ def stage(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         w = await stack.enter_async_context(writer(endpoint_of(etcd), prefix))
         state = tmp_path_factory.mktemp("prop")
         d = await stack.enter_async_context(discoverer(state, endpoint_of(etcd), prefix))
+        ports["hxs"] = int(d.settings.stats_address.rsplit(":", 1)[1])
+        ports["hxa"] = d.admin_port
         s = Stage(loop, d, w, prefix, good_port, up["good"].port, ports)
         await w.put(s.good(s.weight))
         deadline = time.monotonic() + 20
@@ -285,6 +291,9 @@ async def step(stage: Stage, writes: dict[str, bytes]) -> None:
         stage.slowest_update = max(stage.slowest_update, time.monotonic() - began)
 
         assert await answered_by(stage.good_port, "good"), "the good service no longer routes"
+        stats_port = int(d.settings.stats_address.rsplit(":", 1)[1])
+        status, page = await http_get(stats_port, "/;csv")
+        assert status == 200 and page.startswith("# pxname"), (status, page[:200])
         config = (Path(d.settings.state_dir) / "haproxy.cfg").read_text()
         assert grammar_violations(config) == [], grammar_violations(config)
 
@@ -333,6 +342,7 @@ _INJECTION = "fe80::1%x\nglobal\n    stats socket ipv4@127.0.0.1:1 level admin"
 @example([(3, "schema", {"address": _INJECTION}), (0, "schema", {"address": _INJECTION})])
 @example([(0, "schema", {"registered_at": "2024-01-01T00:00:00"})])
 @example([(4, "schema", {"registered_at": "2000-01-01T00:00:00+00:00"})])
+@example([(5, "schema", {"tags": ["a"]}), (6, "schema", {"tags": ["b"]})])
 @example([(3, "schema", {"mode": "http"}), (1, "bytes", b"\xff\xfe\x00")])
 @example([(2, "json", [1, {"a": None}]), (0, "schema", {"tags": ["x" * 10_000]})])
 @example(
