@@ -72,6 +72,18 @@ Weight = Annotated[int, Field(ge=0, le=256)]
 # One spelling per address, no IPv6 scope text (see validation.ip_literal).
 IpAddress = Annotated[str, AfterValidator(validation.ip_literal)]
 
+
+def _in_utc(value: datetime) -> datetime:
+    # 9999-12-31T23:59-01:00 is valid but overflows when compared with a
+    # time in another zone: keep every time comparable, in UTC.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("time is outside the range of UTC") from None
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+
 Health = Literal["none", "starting", "healthy", "unhealthy"]
 State = Literal["up", "draining"]
 Mode = Literal["tcp", "http"]
@@ -108,7 +120,7 @@ class Instance(BaseModel):
     frontend_port: Port | None = None
     # Informational (shown, and the registration-latency metric): decisions
     # between instances use etcd's create_revision, which no registrar sets.
-    registered_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    registered_at: Timestamp = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def key_suffix(self) -> str:

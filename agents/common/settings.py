@@ -195,6 +195,12 @@ class DiscovererSettings(CommonSettings):
         0.05, ge=0, description="seconds new services are gathered before one reload"
     )
     reload_min_interval: float = Field(1.0, ge=0, description="minimum seconds between two reloads")
+    loss_hold: float = Field(
+        22.5,
+        gt=0,
+        description="seconds the last known servers are kept after most vanished at once "
+        "(etcd wiped or restarted); default: a TTL and a half of the registrars' default",
+    )
     stop_haproxy_on_exit: bool = Field(
         False, description="stop HAProxy on SIGTERM (default: leave it serving)"
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -78,7 +78,7 @@ class Sink(Protocol):
 
 
 class Source(Protocol):
-    def updates(self) -> AsyncIterator[Snapshot]: ...
+    def updates(self) -> AsyncGenerator[Snapshot, None]: ...
     def status(self) -> dict[str, object]: ...
     @property
     def pending(self) -> bool:
@@ -101,7 +101,7 @@ class Discoverer:
         self.settings = settings
         self.source = source
         self.sink = sink
-        self.guard = EmptyPrefixGuard()
+        self.guard = EmptyPrefixGuard(hold_for=settings.loss_hold)
         self.builder = CatalogBuilder(settings.service_filter, rules or listen_rules(settings))
         self.quarantine = Quarantine(log, QUARANTINED)
         self._built_live = False  # the builder's last state was a live snapshot
@@ -112,6 +112,7 @@ class Discoverer:
         self._conflicts: set[Conflict] = set()
         self._quiet = OnceEvery(60.0)
         self._supervisor: asyncio.Task[None] | None = None
+        self._last: Snapshot | None = None  # the snapshot handled last
 
     # -- health ------------------------------------------------------------
 
@@ -144,19 +145,41 @@ class Discoverer:
 
     async def run(self) -> None:
         """Apply every snapshot until cancelled."""
+        updates = self.source.updates()
         try:
-            async for snapshot in self.source.updates():
-                await self._handle(snapshot)
+            async with contextlib.aclosing(updates):
+                while True:
+                    if self._last is not None and await self._hold_ended():
+                        await self._handle(self._last, replay=True)
+                        continue
+                    self._last = await anext(updates)
+                    await self._handle(self._last)
         finally:
             if self._supervisor is not None:
                 self._supervisor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._supervisor
 
-    async def _handle(self, snapshot: Snapshot) -> None:
+    async def _hold_ended(self) -> bool:
+        """Whether the guard's hold time ended before any change arrived (the
+        last state is then to be handled again, without the held instances)."""
+        while (release_at := self.guard.release_at) is not None and not self.source.pending:
+            left = release_at - time.monotonic()
+            if left <= 0:
+                return True
+            await self.source.wait_for_changes(left)
+        return False
+
+    async def _handle(self, snapshot: Snapshot, replay: bool = False) -> None:
         # The source logged each refused value once already.
         self.quarantine.replace("schema", snapshot.refused, announce=False)
-        instances = self.guard.filter(snapshot.instances, snapshot.empty_cause, snapshot.created)
+        instances = self.guard.filter(
+            snapshot.instances,
+            snapshot.empty_cause,
+            snapshot.created,
+            now=time.monotonic(),
+            reconnected_at=snapshot.reconnected_at,
+        )
         EMPTY_PREFIX_ALARM.set(1 if self.guard.alarm else 0)
         # The snapshot's changed keys describe live state after live state;
         # around held (guarded) state the builder compares everything.
@@ -172,7 +195,8 @@ class Discoverer:
         INSTANCES.set(self.served)
         SERVICES.set(len(catalog))
         BATCHES.inc()
-        self._observe(snapshot)
+        if not replay:
+            self._observe(snapshot)
 
     async def _apply_until_done(self, catalog: Catalog) -> None:
         # HAProxy may be restarting: retry with backoff, but never hold on to

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,6 +72,8 @@ class Snapshot:
     changed: frozenset[str] | None
     empty_cause: EmptyCause | None  # why ``instances`` is empty (None: not empty / startup)
     first_change_at: float  # time.monotonic() the oldest change of this batch arrived
+    # time.monotonic() the watch last came back after an outage (None: never broke)
+    reconnected_at: float | None
     added: tuple[Instance, ...]  # instances put (new or changed) in this batch
 
 
@@ -90,6 +92,7 @@ class PrefixState:
         self.refused: dict[str, str] = {}  # key -> why its value does not parse
         self.keys: dict[str, int] = {}
         self.revision = 0
+        self.reconnected_at: float | None = None
         self.empty_cause: EmptyCause | None = None
         self._hosts: Counter[str] = Counter()  # host -> live instances, kept incrementally
         self._reported: dict[str, int] = {}  # key -> revision whose bad value was logged
@@ -172,6 +175,7 @@ class PrefixState:
             changed=None if self._relisted else frozenset(self._changed),
             empty_cause=self.empty_cause,
             first_change_at=self._first_change_at or time.monotonic(),
+            reconnected_at=self.reconnected_at,
             added=tuple(self._added),
         )
         self._reset_batch()
@@ -281,7 +285,7 @@ class EtcdSource:
             if not self.state.pending:  # woken for something else: do not spin
                 await asyncio.sleep(min(left, 0.05))
 
-    async def updates(self) -> AsyncIterator[Snapshot]:
+    async def updates(self) -> AsyncGenerator[Snapshot, None]:
         """The first snapshot is the initial list; then one per batch of changes."""
         pump = asyncio.create_task(self._run(), name="etcd-source")
         try:
@@ -366,6 +370,7 @@ class EtcdSource:
         self.backoff.reset()
         self.last_error = None
         if self.outage_since is not None:
+            self.state.reconnected_at = time.monotonic()
             held = self._quiet.clear("watch")
             log.info(
                 "etcd watch restored",

@@ -383,7 +383,7 @@ async def test_prefix_wiped_keeps_serving_and_alarms(
         b = make_instance("web", up["b"].port, port, host="host-b")
         await w.put(a)
         await w.put(b)
-        async with discoverer(tmp_path, endpoint_of(etcd), prefix) as d:
+        async with discoverer(tmp_path, endpoint_of(etcd), prefix, loss_hold=3.0) as d:
             await routable(port, "a")
             await routable(port, "b")
             await w.etcd.client.delete_prefix(f"{prefix}/services/".encode())
@@ -392,7 +392,10 @@ async def test_prefix_wiped_keeps_serving_and_alarms(
             status, health = await healthz(d.admin_port)
             assert status == 503 and health["held_instances"] == 2
             assert await metric(d.admin_port, "pilotfish_discoverer_empty_prefix_alarm") == 1
-            await w.put(a)  # the prefix comes back
+            await w.put(a)  # host-a is back, host-b not: still held
+            await asyncio.sleep(0.5)
+            assert await _alarm(d.admin_port) and await answered_by(port, "b")
+            # host-b never comes back: let go after the hold time (3 s here).
             await eventually(lambda: _healthy(d.admin_port), within=5)
             await gone(port, "b")
             assert await answered_by(port, "a")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +41,7 @@ def snap(*instances: Instance, cause: EmptyCause | None = None, relisted: bool =
         changed=None,
         empty_cause=cause,
         first_change_at=0.0,
+        reconnected_at=None,
         added=instances,
     )
 
@@ -49,7 +50,7 @@ class ScriptedSource:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Snapshot] = asyncio.Queue()
 
-    async def updates(self) -> AsyncIterator[Snapshot]:
+    async def updates(self) -> AsyncGenerator[Snapshot, None]:
         while True:
             yield await self.queue.get()
 
@@ -61,7 +62,9 @@ class ScriptedSource:
         return not self.queue.empty()
 
     async def wait_for_changes(self, at_most: float) -> None:
-        await asyncio.sleep(at_most)
+        deadline = asyncio.get_running_loop().time() + at_most
+        while self.queue.empty() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
 
 
 class RecordingSink:
@@ -151,9 +154,14 @@ async def test_wipe_alarm_holds_and_recovers() -> None:
     ok, details = agent.health()
     assert not ok and details["empty_prefix_alarm"] is True and details["held_instances"] == 2
     assert REGISTRY.get_sample_value("pilotfish_discoverer_empty_prefix_alarm") == 1
-    source.queue.put_nowait(snap(a))
+    source.queue.put_nowait(snap(a))  # host-a is back, host-b not yet: still held
     await until(lambda: len(sink.applied) == 2)
-    assert set(sink.applied[1]["web"].servers) == {a.server_name}
+    assert set(sink.applied[1]["web"].servers) == {a.server_name, b.server_name}
+    assert agent.guard.alarm
+    c = inst(3, host="host-b")
+    source.queue.put_nowait(snap(a, c))  # every host is back: serve what etcd holds
+    await until(lambda: len(sink.applied) == 3)
+    assert set(sink.applied[2]["web"].servers) == {a.server_name, c.server_name}
     assert agent.health()[0]
     assert REGISTRY.get_sample_value("pilotfish_discoverer_empty_prefix_alarm") == 0
     await stop(task)
@@ -217,12 +225,14 @@ async def test_changed_keys_are_not_trusted_across_a_held_state() -> None:
     source.queue.put_nowait(state.take_batch())
     await until(lambda: agent.guard.alarm)
     assert served() == {a.server_name, b.server_name}  # held
+    e = inst(5, host="host-b")
     state.apply(*entry(c), 6)
+    state.apply(*entry(e), 6)
     source.queue.put_nowait(state.take_batch())
     await until(lambda: not agent.guard.alarm)
-    assert served() == {c.server_name}  # not a, b, c: the held ones are gone
+    assert served() == {c.server_name, e.server_name}  # the held ones are gone
     state.apply(entry(c)[0], None, 7)
     state.apply(*entry(d), 7)
     source.queue.put_nowait(state.take_batch())
-    await until(lambda: served() == {d.server_name})
+    await until(lambda: served() == {d.server_name, e.server_name})
     await stop(task)
