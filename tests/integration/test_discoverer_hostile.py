@@ -1,8 +1,11 @@
 """Issue 9: hostile or malformed registrations, against the real etcd and HAProxy.
 
-One test per finding of the discoverer's part of the issue. Each runs the
-discoverer in-process (``serve()``, its own HAProxy and state directory) with
-the helpers of ``test_discoverer_agent``; every request goes to 127.0.0.1.
+Tests for the discoverer's findings 1 (IPv6 scope text), 2 (naive
+registered_at), 3 (long host ids), 4 (port ownership and listener mode) and
+9 (listeners that cannot bind, or that an instance points back at). Each
+runs the discoverer in-process (``serve()``, its own HAProxy and state
+directory) with the helpers of ``test_discoverer_agent``; every request goes
+to 127.0.0.1.
 
 The behaviour specified here: a malformed or hostile value under a
 well-formed key is *quarantined* (one log line naming the key, the gauge
