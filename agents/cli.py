@@ -89,9 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_event_loop_policy()
     if command == "register":
         from agents.registrar.agent import serve as serve_registrar
+        from agents.registrar.host_claim import HostIdTaken
 
         assert isinstance(settings, RegistrarSettings)
-        asyncio.run(run_until_signal(lambda stop: serve_registrar(settings, stop)))
+        try:
+            asyncio.run(run_until_signal(lambda stop: serve_registrar(settings, stop)))
+        except HostIdTaken:
+            return 2  # logged where it was found, with the holder's name
     else:
         from agents.discoverer.agent import serve as serve_discoverer
 

@@ -61,6 +61,18 @@ def is_lease_not_found(error: BaseException) -> bool:
     return "lease not found" in str(error)
 
 
+def is_refused_for_good(error: BaseException) -> bool:
+    """etcd (or gRPC) refuses the request itself: sending it again cannot help.
+
+    etcd answers INVALID_ARGUMENT ("request is too large", …); gRPC refuses a
+    message over its size limits before it leaves (RESOURCE_EXHAUSTED).
+    """
+    text = str(error)
+    return isinstance(error, aetcd.exceptions.InvalidArgumentError) or (
+        "too large" in text or "larger than max" in text
+    )
+
+
 def grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
     """(host, port) for aetcd, which joins them as ``host:port``.
 
@@ -211,6 +223,32 @@ class Etcd:
             lambda: self.client.put(key.encode(), value, lease=lease), self.write_timeout
         )
         return int(result.header.revision)
+
+    async def put_if(
+        self, key: str, value: bytes, *, mod_revision: int, lease: int | None = None
+    ) -> tuple[bool, KeyValue | None]:
+        """Put ``key`` only if its mod_revision is ``mod_revision`` (0: only if absent).
+
+        One transaction: (True, None) when put; otherwise (False, what the key
+        holds now, or None if it is gone meanwhile).
+        """
+        ops = self.client.transactions
+        raw = key.encode()
+        succeeded, responses = await self._call(
+            lambda: self.client.transaction(
+                compare=[ops.mod(raw) == mod_revision],
+                success=[ops.put(raw, value, lease=lease)],
+                failure=[ops.get(raw)],
+            ),
+            self.write_timeout,
+        )
+        if succeeded:
+            return True, None
+        found = responses[0] if responses else []
+        if not found:
+            return False, None
+        current, meta = found[0]
+        return False, KeyValue(meta.key, current, meta.lease, meta.mod_revision)
 
     async def delete(self, key: str) -> bool:
         result = await self._call(lambda: self.client.delete(key.encode()), self.write_timeout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,8 +132,9 @@ class RegistrarSettings(CommonSettings):
         description="address registered for published ports (this host's address)",
     )
     host_id: str = Field(
-        default_factory=lambda: socket.gethostname().split(".")[0] or "host",
-        description="identity of this host in keys (default: the hostname)",
+        "",
+        description="identity of this host in keys, claimed in etcd (default: from "
+        "the Docker engine: <first label of its name>-<12 hex of a hash of its ID>)",
     )
     docker_host: str = Field(
         "unix:///var/run/docker.sock",
@@ -159,7 +159,7 @@ class RegistrarSettings(CommonSettings):
     @field_validator("host_id")
     @classmethod
     def _check_host_id(cls, value: str) -> str:
-        if not re.fullmatch(NAME_PATTERN, value):
+        if value and not re.fullmatch(NAME_PATTERN, value):
             raise ValueError(f"{value!r} does not match {NAME_PATTERN}")
         return value
 

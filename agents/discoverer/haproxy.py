@@ -56,8 +56,10 @@ from agents.discoverer.plan import (
 
 log = get_logger("pilotfish.discoverer.haproxy")
 
-_ADMIN_PROMPT = b"\n> "
-_MASTER_PROMPT = b"master> "
+# How an answer ends. After a failed reload HAProxy 2.6 shows the master's
+# state in its prompt ("master[ReloadFailed]> "): match that too.
+_ADMIN_PROMPT = re.compile(rb"(?:\A|\n)> \Z")
+_MASTER_PROMPT = re.compile(rb"(?:\A|\n)master(?:\[[A-Za-z]+\])?> \Z")
 # Big enough for `show stat` of tens of thousands of servers in one answer.
 _READ_LIMIT = 64 * 1024 * 1024
 # HAProxy's CLI closes idle sessions (`stats timeout 2m`): reconnect well before.
@@ -102,7 +104,7 @@ _CLI_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError)
 class RuntimeClient:
     """One persistent prompt-mode CLI connection; batches are pipelined."""
 
-    def __init__(self, path: Path, prompt: bytes, timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, prompt: re.Pattern[bytes], timeout: float = 5.0) -> None:
         self.path = path
         self.prompt = prompt
         self.timeout = timeout
@@ -161,8 +163,10 @@ class RuntimeClient:
 
     async def _answer(self) -> str:
         assert self._reader is not None
-        raw = await self._reader.readuntil(self.prompt)
-        return raw[: -len(self.prompt)].decode(errors="replace").strip()
+        raw = b""
+        while (end := self.prompt.search(raw)) is None:
+            raw += await self._reader.readuntil(b"> ")
+        return raw[: end.start()].decode(errors="replace").strip()
 
     async def _drop(self) -> None:
         writer, self._reader, self._writer = self._writer, None, None

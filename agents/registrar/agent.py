@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import socket
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
@@ -28,12 +30,15 @@ from agents.common.logging import describe, get_logger
 from agents.common.settings import RegistrarSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.registrar.docker_source import (
+    INSPECT,
     ContainerEvent,
     DockerSource,
     DockerUnavailable,
     Snapshot,
 )
 from agents.registrar.etcd_sink import EtcdSink, SinkHooks
+from agents.registrar.host_claim import HostClaim
+from agents.registrar.identity import Engine, Holder, default_host_id
 from agents.registrar.model import ContainerInfo, Refusal, desired_instances, draining
 
 log = get_logger("pilotfish.registrar")
@@ -41,11 +46,13 @@ log = get_logger("pilotfish.registrar")
 # A kill with one of these (or a stop) means the process is going away; other
 # signals (HUP to reload, USR1 …) leave the registration alone.
 STOP_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
-INSPECT_ACTIONS = frozenset({"start", "unpause", "health_status", "restart"})
+INSPECT_ACTIONS = frozenset({"start", "unpause", "health_status", "restart", INSPECT})
 WITHDRAW_ACTIONS = frozenset({"die", "pause", "destroy"})
 # How long a stop/kill waits for etcd to hold the drain before the die may
 # delete it: long enough for a healthy etcd, short enough not to stall the lane.
 DRAIN_WRITE_WAIT = 1.0
+# /healthz names at most this many refusals (the metrics count them all).
+MAX_LISTED = 100
 
 
 class Metrics:
@@ -75,6 +82,11 @@ class Metrics:
         )
         self.refusals = Counter(
             f"{ns}_refusals", "Labels or variables refused", registry=self.registry
+        )
+        self.quarantined = Counter(
+            f"{ns}_quarantined_keys",
+            "Registrations etcd refused for good (not retried until they change)",
+            registry=self.registry,
         )
         self.latency = Histogram(
             f"{ns}_event_to_etcd_seconds",
@@ -234,6 +246,7 @@ class Registrar:
         )
         etcd_ok = lease_fresh and not self.sink.failing
         details: dict[str, object] = {
+            "host_id": self.settings.host_id,
             "docker": {
                 "connected": self.docker.connected,
                 "reconnects": self.docker.reconnects,
@@ -246,8 +259,32 @@ class Registrar:
             },
             "registrations": len(self.sink.desired),
             "pending_writes": self.sink.backlog,
+            # Refused one by one: the rest of the host is not held up by them.
+            "quarantined": self.quarantined()[:MAX_LISTED],
         }
         return self.docker.connected and etcd_ok, details
+
+    def quarantined(self) -> list[dict[str, str]]:
+        """What was not registered as asked: keys etcd refused, labels we refused."""
+        entries = [
+            {"key": key, "reason": reason} for key, reason in sorted(self.sink.quarantined.items())
+        ]
+        for container_id in sorted(self._refusals_logged):
+            for refusal in sorted(self._refusals_logged[container_id], key=_refusal_order):
+                entries.append(
+                    {
+                        "container": container_id[:12],
+                        "name": refusal.container_name,
+                        "label": refusal.label,
+                        "reason": refusal.reason,
+                        "skipped": refusal.skipped,
+                    }
+                )
+        return entries
+
+
+def _refusal_order(refusal: Refusal) -> tuple[str, str]:
+    return refusal.label, refusal.reason
 
 
 def _hooks(metrics: Metrics) -> SinkHooks:
@@ -265,18 +302,26 @@ def _hooks(metrics: Metrics) -> SinkHooks:
         on_error=lambda _error: metrics.etcd_errors.inc(),
         on_new_lease=on_new_lease,
         on_recovered=lambda: metrics.reconnects.labels("etcd").inc(),
+        on_quarantined=lambda _key: metrics.quarantined.inc(),
     )
 
 
 async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
     metrics = Metrics()
     async with Etcd(settings) as etcd, DockerSource(settings.docker_host) as docker:
+        engine = await _engine_unless_stopped(docker, stop)
+        if engine is None:
+            return
+        settings = settings.model_copy(
+            update={"host_id": settings.host_id or default_host_id(engine)}
+        )
         sink = EtcdSink(
             etcd,
             prefix=settings.prefix,
             host_id=settings.host_id,
             ttl=settings.ttl,
             hooks=_hooks(metrics),
+            claim=_host_claim(etcd, settings, engine).make,
         )
         registrar = Registrar(settings, docker, sink, metrics)
         admin = AdminServer(settings.admin_address, registrar.health, metrics.registry)
@@ -303,6 +348,22 @@ async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
                 await _deregister(sink)
             await admin.stop()
     log.info("registrar stopped", deregistered=settings.deregister_on_exit)
+
+
+async def _engine_unless_stopped(docker: DockerSource, stop: asyncio.Event) -> Engine | None:
+    """Docker's identity, waiting for Docker; None if told to stop meanwhile."""
+    asking = asyncio.create_task(docker.engine())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([asking, stopping], return_when=asyncio.FIRST_COMPLETED)
+    for task in (asking, stopping):
+        task.cancel()
+    await asyncio.gather(asking, stopping, return_exceptions=True)
+    return asking.result() if not asking.cancelled() else None
+
+
+def _host_claim(etcd: Etcd, settings: RegistrarSettings, engine: Engine) -> HostClaim:
+    holder = Holder.of(engine, socket.gethostname(), os.getpid(), datetime.now(UTC))
+    return HostClaim(etcd, settings.prefix, settings.host_id, holder)
 
 
 async def _ready_when_synced(sink: EtcdSink) -> None:

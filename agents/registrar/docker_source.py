@@ -7,6 +7,12 @@ lost: registrator's race), yields one :class:`Snapshot`, then one
 or silently, as it does when dockerd restarts (registrator #377) — or when
 dockerd stops answering ``/_ping``, it reconnects with backoff and starts
 over with a fresh snapshot. An outage is logged once, not once per retry.
+
+Labels are copied into every event, so a container's event lines are as
+long as its labels. The stream is split into lines here, up to
+:data:`MAX_EVENT_LINE` each (aiohttp's own readline raises at 512 KiB and
+took the registrar down); a longer line is dropped and its container read
+again instead, without reconnecting.
 """
 
 from __future__ import annotations
@@ -14,15 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, describe, get_logger
+from agents.registrar.identity import Engine
 from agents.registrar.model import ContainerInfo, container_from_inspect
 
 log = get_logger("pilotfish.docker")
@@ -32,6 +42,13 @@ log = get_logger("pilotfish.docker")
 ACTIONS = frozenset(
     {"start", "unpause", "health_status", "stop", "kill", "die", "pause", "destroy", "restart"}
 )
+# The action of the event made up for a container whose event line was dropped.
+INSPECT = "inspect"
+MAX_EVENT_LINE = 8 * 1024 * 1024
+# dockerd writes "status" then "id" (and the Actor's "ID" before its
+# Attributes): the container is named near the start of even a dropped line.
+_HEAD = 4096
+_CONTAINER_IN_HEAD = re.compile(rb'"(?:id|ID)"\s*:\s*"([0-9a-f]{64})"')
 
 
 class DockerUnavailable(Exception):
@@ -51,6 +68,53 @@ class ContainerEvent:
     container_id: str
     time_ns: int  # when dockerd emitted it (for the event → etcd latency)
     attributes: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Overlong:
+    """A line longer than the limit: its start, and how long it was."""
+
+    head: bytes
+    size: int
+
+    @property
+    def container_id(self) -> str | None:
+        found = _CONTAINER_IN_HEAD.search(self.head)
+        return found[1].decode() if found else None
+
+
+class LineSplitter:
+    """Bytes in, complete lines out; a line over ``limit`` bytes is not kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._line = bytearray()
+        self._head = b""
+        self._dropped: int | None = None  # bytes of the overlong line so far
+
+    def feed(self, data: bytes) -> Iterator[bytes | Overlong]:
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            self._take(data[start:] if end < 0 else data[start:end])
+            if end < 0:
+                return
+            start = end + 1
+            if self._dropped is not None:
+                yield Overlong(self._head, self._dropped)
+                self._dropped, self._head = None, b""
+            elif self._line:
+                yield bytes(self._line)
+            self._line.clear()
+
+    def _take(self, piece: bytes) -> None:
+        if self._dropped is not None:
+            self._dropped += len(piece)
+            return
+        self._line += piece
+        if len(self._line) > self.limit:
+            self._head, self._dropped = bytes(self._line[:_HEAD]), len(self._line)
+            self._line.clear()
 
 
 class DockerSource:
@@ -122,6 +186,18 @@ class DockerSource:
         found = await asyncio.gather(*(inspect(item["Id"]) for item in listing))
         return [c for c in found if c is not None]
 
+    async def engine(self) -> Engine:
+        """The engine's identity (``/info``); waits, with backoff, until dockerd answers."""
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        while True:
+            try:
+                return Engine.from_info(await self._json("info"))
+            except DockerUnavailable as error:
+                self.last_error = str(error)
+                if self._quiet.should_log("docker"):
+                    log.warning("docker unavailable, waiting for it", error=str(error))
+            await backoff.wait()
+
     async def ping(self) -> None:
         try:
             async with (
@@ -147,7 +223,7 @@ class DockerSource:
                 self._lost("event stream ended")
             except DockerUnavailable as error:
                 self._lost(str(error))
-            except (aiohttp.ClientError, OSError, ValueError) as error:
+            except (aiohttp.ClientError, HttpProcessingError, OSError, ValueError) as error:
                 self._lost(f"event stream broke: {describe(error)}")
             await backoff.wait()
 
@@ -161,14 +237,31 @@ class DockerSource:
                 self._connected()
                 yield Snapshot(containers)
                 async with _watchdog(self, response):
-                    while line := await response.content.readline():
-                        event = _parse_event(line)
-                        if event is not None:
-                            yield event
+                    lines = LineSplitter(MAX_EVENT_LINE)
+                    async for chunk in response.content.iter_any():
+                        for line in lines.feed(chunk):
+                            if isinstance(line, Overlong):
+                                yield await self._overlong(line)
+                            elif (event := _parse_event(line)) is not None:
+                                yield event
         except aiodocker.DockerError as error:
             raise DockerUnavailable(f"events: {error}") from None
         finally:
             self.connected = False
+
+    async def _overlong(self, line: Overlong) -> Snapshot | ContainerEvent:
+        """Read the container of a dropped line again (all of them if it is not named)."""
+        container_id = line.container_id
+        if self._quiet.should_log(f"overlong {container_id}"):
+            log.warning(
+                "docker event line too long, dropped; reading the container again",
+                container=container_id[:12] if container_id else "unknown: all",
+                bytes=line.size,
+                limit=MAX_EVENT_LINE,
+            )
+        if container_id is None:
+            return Snapshot(await self.running())
+        return ContainerEvent(INSPECT, container_id, time.time_ns(), {})
 
     def _connected(self) -> None:
         self.connected = True

@@ -2,26 +2,46 @@
 
 Writes never block the caller: :meth:`EtcdSink.set_container` updates the
 desired state and wakes the flusher, which writes the changed keys on the
-registrar's one lease with bounded concurrency. While etcd is away, the
+registrar's one lease with bounded concurrency. Nothing is written on a lease
+before ``claim`` (the host id claim) has been made on it. While etcd is away, the
 desired state is kept and the flusher retries with backoff; it converges
 when etcd returns. On every new lease (startup, or the old one expired),
 the flusher lists ``<prefix>/services/`` and reconciles this host's keys:
 keys of containers that are gone are deleted, keys of running containers
 are re-put on the new lease without ever being deleted.
+
+A registration keeps the time it was first made while its key exists: a
+rewrite (drain, health, a new lease, a restart of the registrar) carries it
+over, from the desired state or from the value found in etcd.
+
+A key etcd refuses for good (too large, …) is quarantined: dropped from the
+writes, named in the log and in ``quarantined``, retried only when its value
+changes. It never holds up the other keys nor makes the sink "failing".
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from agents.common.backoff import Backoff
-from agents.common.etcd import Etcd, EtcdError, LeaseKeeper, is_lease_not_found
+from agents.common.etcd import (
+    Etcd,
+    EtcdError,
+    LeaseKeeper,
+    is_lease_not_found,
+    is_refused_for_good,
+)
 from agents.common.logging import OnceEvery, describe, get_logger
-from agents.common.schema import Instance, instance_key, services_prefix
+from agents.common.schema import (
+    Instance,
+    SchemaError,
+    instance_key,
+    parse_entry,
+    services_prefix,
+)
 from agents.registrar.model import Plan, owned_by, reconcile
 
 log = get_logger("pilotfish.sink")
@@ -35,6 +55,7 @@ class SinkHooks:
     on_error: Callable[[BaseException], None] = lambda _error: None
     on_new_lease: Callable[[int], None] = lambda _lease: None
     on_recovered: Callable[[], None] = lambda: None
+    on_quarantined: Callable[[str], None] = lambda _key: None
 
 
 @dataclass
@@ -58,6 +79,7 @@ class EtcdSink:
         ttl: int,
         concurrency: int = 64,
         hooks: SinkHooks | None = None,
+        claim: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.etcd = etcd
         self.prefix = prefix
@@ -65,12 +87,15 @@ class EtcdSink:
         self.concurrency = concurrency
         self.hooks = hooks or SinkHooks()
         self.keeper = LeaseKeeper(etcd, ttl, self._new_lease, self.hooks.on_error)
+        self.claim = claim
+        self.lease: int | None = None  # the keeper's lease, once claimed: keys go on it
         self.desired: dict[str, Instance] = {}
         self._by_container: dict[str, set[str]] = {}
         # What etcd holds for this host on the current lease; None = present
         # but to be rewritten (another lease, or unreadable).
         self.written: dict[str, Instance | None] = {}
         self._pending = _Pending()
+        self.quarantined: dict[str, str] = {}  # key -> why etcd refused its value
         self._loaded = False  # no deletes before the first Docker snapshot
         self._need_full_sync = True
         self._wake = asyncio.Event()
@@ -92,15 +117,17 @@ class EtcdSink:
         self, container_id: str, instances: list[Instance], since_ns: int | None = None
     ) -> list[str]:
         """Make ``instances`` the registrations of ``container_id``; the keys that change."""
-        wanted = {self.key_of(i): i for i in instances}
+        wanted = {self.key_of(i): self._keep_registered_at(i) for i in instances}
         old_keys = self._by_container.pop(container_id, set())
         changed = [k for k in old_keys if k not in wanted]
         for key in changed:
             del self.desired[key]
+            self.quarantined.pop(key, None)
         for key, instance in wanted.items():
             current = self.desired.get(key)
             if current is None or not current.same_registration(instance):
                 self.desired[key] = instance
+                self.quarantined.pop(key, None)  # a new value gets a new chance
                 changed.append(key)
         if wanted:
             self._by_container[container_id] = set(wanted)
@@ -108,6 +135,24 @@ class EtcdSink:
         if changed:
             self._wake.set()
         return changed
+
+    def _keep_registered_at(self, instance: Instance) -> Instance:
+        current = self.desired.get(self.key_of(instance))
+        if current is None or current.registered_at == instance.registered_at:
+            return instance
+        return instance.model_copy(update={"registered_at": current.registered_at})
+
+    def _adopt_registered_at(self, key: str, value: bytes) -> None:
+        """A key this host wrote before (last run, last lease) keeps its time."""
+        wanted = self.desired.get(key)
+        if wanted is None:
+            return
+        try:
+            found = parse_entry(self.prefix, key, value)
+        except SchemaError:
+            return
+        if found.registered_at < wanted.registered_at:
+            self.desired[key] = wanted.model_copy(update={"registered_at": found.registered_at})
 
     def replace_all(self, containers: dict[str, list[Instance]]) -> None:
         """A full Docker snapshot: everything not in it is withdrawn."""
@@ -129,34 +174,58 @@ class EtcdSink:
     # --- running ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        keeper = asyncio.create_task(self.keeper.run(), name="lease-keeper")
+        """Until cancelled, or until the host claim is refused (HostIdTaken)."""
+        tasks = [
+            asyncio.create_task(self.keeper.run(), name="lease-keeper"),
+            asyncio.create_task(self._flush_forever(), name="etcd-flusher"),
+        ]
         try:
-            await self._flush_forever()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _new_lease(self, lease_id: int) -> None:
         # Everything written on the old lease is gone or going: list and
         # re-put on this one (no deletes for keys that stay desired).
+        self.lease = None
         self.written.clear()
         self._need_full_sync = True
         self.hooks.on_new_lease(lease_id)
-        self._wake.set()
+        if await self._claimed(lease_id):
+            self.lease = lease_id
+            self._wake.set()
+
+    async def _claimed(self, lease_id: int) -> bool:
+        """Make the claim on ``lease_id``, retrying etcd errors; False if the lease went."""
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while self.claim is not None:
+            try:
+                await self.claim(lease_id)
+                break
+            except EtcdError as error:
+                if is_lease_not_found(error):
+                    self.keeper.mark_lost()  # the keeper grants another and we come back
+                    return False
+                self._failed(error)
+                await backoff.wait()
+        return True
 
     async def _flush_forever(self) -> None:
         backoff = Backoff(initial=0.05, maximum=2.0)
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._loaded or self.keeper.lease_id is None:
+            if not self._loaded or self.lease is None:
                 continue
             try:
                 if self._need_full_sync:
                     await self._full_sync()
                 await self._flush()
-            except EtcdError as error:
+            except Exception as error:  # a bug must not end the agent: retry
                 self._failed(error)
                 await backoff.wait()
                 self._wake.set()
@@ -165,13 +234,14 @@ class EtcdSink:
             self._recovered()
 
     async def _full_sync(self) -> None:
-        lease = self.keeper.lease_id
+        lease = self.lease
         _revision, items = await self.etcd.get_prefix(services_prefix(self.prefix))
         found: dict[str, Instance | bytes | None] = {}
         for item in items:
             key = item.key.decode(errors="replace")
             if owned_by(self.prefix, key, self.host_id):
                 found[key] = item.value if item.lease == lease else None
+                self._adopt_registered_at(key, item.value)
         plan = reconcile(self.desired, found, self.prefix, self.host_id)
         # Keys that already hold the desired value on this lease need no
         # write; every other key found is to be rewritten (None) or deleted.
@@ -190,6 +260,8 @@ class EtcdSink:
     async def _flush(self) -> None:
         """Write every pending key; a failure leaves the rest pending."""
         while self._pending.since and not self._need_full_sync:
+            for key in self.quarantined.keys() & self._pending.since.keys():
+                del self._pending.since[key]
             keys = list(self._pending.since)
             desired = {k: self.desired[k] for k in keys if k in self.desired}
             actual = {k: self.written[k] for k in keys if k in self.written}
@@ -202,16 +274,23 @@ class EtcdSink:
 
     async def _write(self, plan: Plan) -> None:
         limit = asyncio.Semaphore(self.concurrency)
-        lease = self.keeper.lease_id
+        lease = self.lease
 
         async def put(key: str) -> None:
-            instance = self.desired[key]
             async with limit:
+                # Read now: the container may have gone since the plan was made
+                # (its key then stays pending, and the next round deletes it).
+                instance = self.desired.get(key)
+                if instance is None:
+                    return
                 try:
                     await self.etcd.put(key, instance.to_json(), lease=lease)
                 except EtcdError as error:
                     if is_lease_not_found(error):
                         self.keeper.mark_lost()
+                    elif is_refused_for_good(error):
+                        self._quarantine(key, describe(error))
+                        return
                     raise
             self.written[key] = instance
             self._done(key, instance)
@@ -230,6 +309,12 @@ class EtcdSink:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    def _quarantine(self, key: str, reason: str) -> None:
+        self.quarantined[key] = reason
+        self._pending.since.pop(key, None)
+        self.hooks.on_quarantined(key)
+        log.warning("etcd refused a registration, quarantined", key=key, reason=reason)
 
     def _done(self, key: str, written: Instance | None) -> None:
         current = self.desired.get(key)
@@ -257,8 +342,12 @@ class EtcdSink:
         self.failing = True
         self.last_error = describe(error)
         self.hooks.on_error(error)
-        if self._quiet.should_log("etcd"):
+        if not self._quiet.should_log("etcd"):
+            return
+        if isinstance(error, EtcdError):
             log.warning("etcd write failed, retrying", error=self.last_error, pending=self.backlog)
+        else:
+            log.error("etcd writes failed on a bug, retrying", pending=self.backlog, exc_info=error)
 
     def _recovered(self) -> None:
         if self.failing:

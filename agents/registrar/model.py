@@ -26,6 +26,9 @@ Decisions (documented in the registrar's help and README section):
   flag skips the container (a per-port label skips that port); a bad tag or
   attribute is dropped alone. Every refusal is one log line naming the
   container and the label.
+- Sizes are bounded here, where labels enter: tags beyond ``MAX_TAGS`` and
+  attributes beyond ``MAX_ATTRIBUTES`` (by name) are dropped; a registration
+  still larger than ``MAX_VALUE_BYTES`` refuses its container.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from agents.common.schema import (
     parse_entry,
     parse_key,
 )
+from agents.common.validation import MAX_ATTRIBUTES, MAX_TAGS, MAX_VALUE_BYTES, show
 
 LABEL = "pilotfish."
 Health = Literal["none", "starting", "healthy", "unhealthy"]
@@ -248,10 +252,34 @@ def desired_instances(
             skipped = "container" if container_wide else f"port {target.private_port}"
             refuse(refused.label, refused.reason, skipped)
             if skipped == "container":
-                return [], list(dict.fromkeys(refusals))
+                return [], _few(refusals)
             continue
         instances.append(instance)
-    return instances, list(dict.fromkeys(refusals))
+    return instances, _few(refusals)
+
+
+# Refusals named one by one per container; one container must not flood the log.
+MAX_REFUSALS = 16
+_MINOR = frozenset({"tag", "attribute"})
+
+
+def _few(refusals: list[Refusal]) -> list[Refusal]:
+    """At most MAX_REFUSALS dropped tags and attributes, and every skipped port or container."""
+    unique = list(dict.fromkeys(refusals))
+    minor = [r for r in unique if r.skipped in _MINOR]
+    if len(unique) <= MAX_REFUSALS or not minor:
+        return unique
+    vital = [r for r in unique if r.skipped not in _MINOR]
+    kept = minor[: max(MAX_REFUSALS - len(vital) - 1, 0)]
+    first = minor[0]
+    more = Refusal(
+        first.container_id,
+        first.container_name,
+        "labels",
+        f"{len(minor) - len(kept)} more tags or attributes refused",
+        "tag or attribute",
+    )
+    return [*kept, more, *vital]
 
 
 _CONTAINER_WIDE = frozenset(
@@ -336,7 +364,7 @@ def _instance(
     tags = _tags(labels, variables, port, refuse)
     attributes = _attributes(labels, variables, port, refuse)
     try:
-        return Instance(
+        instance = Instance(
             service=_service_name(container, variables, port, port_count),
             host_id=options.host_id,
             address=target.address,
@@ -359,6 +387,13 @@ def _instance(
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "value"
         raise _Refused(f"container {where}", first["msg"]) from None
+    size = len(instance.to_json())
+    if size > MAX_VALUE_BYTES:
+        raise _Refused(
+            "container labels",
+            f"its registration would take {size} bytes, more than {MAX_VALUE_BYTES}",
+        )
+    return instance
 
 
 def _service_name(
@@ -383,7 +418,7 @@ def _service_name(
 
 def _check_name(label: str, value: str) -> str:
     if not re.fullmatch(NAME_PATTERN, value):
-        raise _Refused(label, f"service name {_show(value)} does not match {NAME_PATTERN}")
+        raise _Refused(label, f"service name {show(value)} does not match {NAME_PATTERN}")
     return value
 
 
@@ -414,8 +449,11 @@ def _tags(
         if re.fullmatch(TAG_PATTERN, tag):
             tags.append(tag)
         else:
-            refuse(name, f"tag {_show(tag)} does not match {TAG_PATTERN}", "tag")
-    return tuple(dict.fromkeys(tags))
+            refuse(name, f"tag {show(tag)} does not match {TAG_PATTERN}", "tag")
+    unique = tuple(dict.fromkeys(tags))
+    if len(unique) > MAX_TAGS:
+        refuse(name, f"{len(unique)} tags, more than {MAX_TAGS}: the rest are dropped", "tag")
+    return unique[:MAX_TAGS]
 
 
 _NOT_ATTRIBUTES = frozenset({"NAME", "TAGS", "IGNORE"})
@@ -444,16 +482,23 @@ def _attributes(
         if not re.fullmatch(ATTRIBUTE_KEY_PATTERN, key):
             refuse(
                 name,
-                f"attribute name {_show(key)} does not match {ATTRIBUTE_KEY_PATTERN}",
+                f"attribute name {show(key)} does not match {ATTRIBUTE_KEY_PATTERN}",
                 "attribute",
             )
         elif not re.fullmatch(ATTRIBUTE_VALUE_PATTERN, value):
             refuse(
-                name, f"value {_show(value)} does not match {ATTRIBUTE_VALUE_PATTERN}", "attribute"
+                name, f"value {show(value)} does not match {ATTRIBUTE_VALUE_PATTERN}", "attribute"
             )
         else:
             attributes[key] = value
-    return attributes
+    if len(attributes) > MAX_ATTRIBUTES:
+        refuse(
+            "attributes",
+            f"{len(attributes)} attributes, more than {MAX_ATTRIBUTES}: "
+            "those after the first by name are dropped",
+            "attribute",
+        )
+    return dict(list(attributes.items())[:MAX_ATTRIBUTES])
 
 
 def _routing(labels: Mapping[str, str], port: int, name: str, parse: Any, default: Any) -> Any:
@@ -465,13 +510,13 @@ def _routing(labels: Mapping[str, str], port: int, name: str, parse: Any, defaul
 
 def _parse_mode(label: str, value: str) -> str:
     if value not in ("tcp", "http"):
-        raise _Refused(label, f"{_show(value)} is not tcp or http")
+        raise _Refused(label, f"{show(value)} is not tcp or http")
     return value
 
 
 def _parse_int(label: str, value: str, low: int, high: int) -> int:
     if not re.fullmatch(r"[0-9]{1,5}", value) or not low <= int(value) <= high:
-        raise _Refused(label, f"{_show(value)} is not a number from {low} to {high}")
+        raise _Refused(label, f"{show(value)} is not a number from {low} to {high}")
     return int(value)
 
 
@@ -495,12 +540,7 @@ def _parse_bool(label: str, value: str, *, empty: bool = False) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise _Refused(label, f"{_show(value)} is not true or false")
-
-
-def _show(value: str) -> str:
-    """A value quoted for one log line: escapes newlines, cuts long ones."""
-    return repr(value if len(value) <= 80 else value[:77] + "...")
+    raise _Refused(label, f"{show(value)} is not true or false")
 
 
 def draining(instances: list[Instance]) -> list[Instance]:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import pytest
 
 from agents.common.etcd import Etcd, EtcdError, WatchEvent
 from agents.common.schema import Instance, parse_entry, services_prefix
 from agents.common.settings import RegistrarSettings
 from agents.registrar.agent import serve
+from tests.conftest import TEST_LABELS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,6 +93,30 @@ class DockerCli:
         )
         self.started.append(container_id)
         return container_id
+
+    async def run_api(
+        self, image: str, labels: dict[str, str], name: str | None = None, port: int = 8080
+    ) -> str:
+        """``docker run`` through the API: labels of any size or content, no argv limits."""
+        client = aiodocker.Docker(url=self.url)
+        try:
+            container = await client.containers.run(
+                name=name or unique("t"),
+                config={
+                    "Image": image,
+                    "Labels": {**labels, **TEST_LABELS},
+                    "ExposedPorts": {f"{port}/tcp": {}},
+                    "HostConfig": {
+                        "PortBindings": {
+                            f"{port}/tcp": [{"HostIp": self.publish_ip, "HostPort": ""}]
+                        }
+                    },
+                },
+            )
+        finally:
+            await client.close()
+        self.started.append(container.id)
+        return str(container.id)
 
     async def host_port(self, container_id: str, port: int = 8080) -> int:
         line = (await self("port", container_id, str(port))).splitlines()[0]
@@ -196,7 +222,9 @@ async def registrar(settings: RegistrarSettings) -> AsyncIterator[asyncio.Event]
             await task
 
 
-async def registrar_process(settings: RegistrarSettings) -> asyncio.subprocess.Process:
+async def registrar_process(
+    settings: RegistrarSettings, stderr: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
     """``python -m agents register`` with the same settings, as flags."""
     flags = [
         f"--{name.replace('_', '-')}={value}"
@@ -215,7 +243,7 @@ async def registrar_process(settings: RegistrarSettings) -> asyncio.subprocess.P
         "register",
         *flags,
         cwd=REPO,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
     )
 
 
