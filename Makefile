@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl openssl
 
-.PHONY: help deps venv test test-deploy unit lint typecheck demo demo-down bench clean
+.PHONY: help deps venv lock test test-deploy unit lint typecheck demo demo-down bench clean
 
 help:
 	@echo "make demo       bring up etcd, dockerd (if needed), registrar, discoverer+HAProxy, 3 whoami"
@@ -15,6 +15,7 @@ help:
 	@echo "make unit       pure-logic tests only (no servers)"
 	@echo "make lint       ruff + mypy --strict"
 	@echo "make bench      the benchmarks under bench/"
+	@echo "make lock       re-pin requirements*.lock (with hashes) after changing dependencies"
 
 # Installs the Debian packages the agents and tests drive (root or sudo needed).
 deps:
@@ -25,13 +26,25 @@ deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBIAN_PACKAGES); \
 	fi
 
-$(BIN)/pilotfish: pyproject.toml
+# Exactly the pinned, hash-checked dependencies, then the project itself.
+$(BIN)/pilotfish: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	@touch $@
 
 venv: $(BIN)/pilotfish
+
+# pip-tools in a throwaway venv (never in the project's): every pinned file's
+# hash, so an install gets these exact files or fails. No index URL is written
+# into the lock files: each machine's pip settings choose the index.
+PIP_COMPILE = --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
+lock:
+	@tools=$$(mktemp -d) && trap 'rm -rf "$$tools"' EXIT && \
+	$(PYTHON) -m venv "$$tools" && "$$tools/bin/pip" install -q pip-tools && \
+	"$$tools/bin/pip-compile" $(PIP_COMPILE) -o requirements.lock pyproject.toml && \
+	"$$tools/bin/pip-compile" $(PIP_COMPILE) --extra dev -o requirements-dev.lock pyproject.toml
 
 # The suite of agents and stack (unit + integration against real servers).
 # The container images are built and run by `make test-deploy` (CI runs both).

@@ -27,8 +27,20 @@ COMMANDS: dict[str, tuple[type[CommonSettings], str]] = {
 }
 
 
+# Never echoed in an error line (it would end up in a journal).
+SECRETS = frozenset({"etcd_password", "stats_user", "stats_password"})
+
+
+def _env_only(field: Any) -> bool:
+    """Secrets that must not be flags: a command line is visible to every user in ps."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and extra.get("env_only") is True
+
+
 def _add_flags(parser: argparse.ArgumentParser, model: type[CommonSettings]) -> None:
     for name, field in model.model_fields.items():
+        if _env_only(field):
+            continue
         flag = "--" + name.replace("_", "-")
         env = f"PILOTFISH_{name.upper()}"
         help_text = f"{field.description or ''} [env {env}]".strip()
@@ -70,10 +82,24 @@ def _field_name(model: type[CommonSettings], loc: str) -> str:
 
 def describe_error(error: ValidationError, model: type[CommonSettings]) -> str:
     first = error.errors()[0]
-    name = _field_name(model, str(first["loc"][0])) if first["loc"] else "settings"
-    value = first.get("input")
-    message = first["msg"].removeprefix("Value error, ")
-    return f"invalid setting {name} (--{name.replace('_', '-')}): {message} (got {value!r})"
+    message = " ".join(first["msg"].removeprefix("Value error, ").split())
+    if not first["loc"]:  # a check across settings: its message names them
+        return f"invalid settings: {message}"
+    name = _field_name(model, str(first["loc"][0]))
+    field = model.model_fields.get(name)
+    flag = "--" + name.replace("_", "-")
+    where = f"PILOTFISH_{name.upper()}" if field and _env_only(field) else flag
+    shown = "" if name in SECRETS else f" (got {first.get('input')!r})"
+    return f"invalid setting {name} ({where}): {message}{shown}"
+
+
+def preflight(settings: CommonSettings) -> str | None:
+    """What would fail at the first render, found before anything starts (None: fine)."""
+    if isinstance(settings, DiscovererSettings):
+        from agents.discoverer.haproxy import check_settings
+
+        return check_settings(settings)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         reason = describe_error(error, COMMANDS[command][0])
         print(f"pilotfish {command}: {reason}", file=sys.stderr)
+        return 2
+    problem = preflight(settings)
+    if problem is not None:
+        print(f"pilotfish {command}: {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     install_event_loop_policy()

@@ -18,7 +18,7 @@ start=$SECONDS
 mkdir -p "$PF_DEPLOY_DIR"
 "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$context" "$PF_REPO" >"$PF_DEPLOY_DIR/wheel.log" 2>&1 \
     || { tail -20 "$PF_DEPLOY_DIR/wheel.log" >&2; exit 1; }
-cp -r "$PF_REPO/systemd" "$context/"
+cp -r "$PF_REPO/systemd" "$PF_REPO/requirements.lock" "$context/"
 docker build --network host --pull=false -f "$PF_REPO/deploy/systemd-host.Dockerfile" -t "$IMAGE" \
     --build-arg BASE_IMAGE="$PF_BASE_IMAGE" "${PF_PIP_ARGS[@]}" "$context" \
     >"$PF_DEPLOY_DIR/build-systemd-host.log" 2>&1 \

@@ -22,7 +22,9 @@ RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
         { cat /etc/ssl/certs/ca-certificates.crt; printf '%s\n' "$EXTRA_CA_CERTS"; } >/tmp/ca.pem; \
         export PIP_CERT=/tmp/ca.pem; \
     fi \
- && python3 -m venv /opt/pilotfish && /opt/pilotfish/bin/pip install pilotfish-*.whl \
+ && python3 -m venv /opt/pilotfish \
+ && /opt/pilotfish/bin/pip install --require-hashes -r requirements.lock \
+ && /opt/pilotfish/bin/pip install --no-deps pilotfish-*.whl \
  && rm -f /tmp/ca.pem
 RUN install -m 0644 systemd/pilotfish-registrar.service systemd/pilotfish-discoverer.service /etc/systemd/system/ \
  && install -D -m 0640 systemd/registrar.env.example  /etc/pilotfish/registrar.env \

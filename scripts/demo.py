@@ -164,7 +164,7 @@ def up() -> int:
                 "--state-dir",
                 str(DEMO_DIR / "haproxy"),
                 "--stats-address",
-                f"0.0.0.0:{STATS_PORT}",
+                f"127.0.0.1:{STATS_PORT}",
             ],
             state,
         )

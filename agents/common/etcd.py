@@ -33,7 +33,7 @@ import grpc
 
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, describe, get_logger
-from agents.common.settings import CommonSettings
+from agents.common.settings import CommonSettings, is_ipv6
 
 log = get_logger("pilotfish.etcd")
 
@@ -76,15 +76,20 @@ def is_refused_for_good(error: BaseException) -> bool:
 def grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
     """(host, port) for aetcd, which joins them as ``host:port``.
 
-    One endpoint is passed through (a DNS name works). Several become gRPC's
-    ``ipv4:a:p,b:p,c:p`` target, which needs IP literals: names are resolved
-    once, here.
+    One endpoint is passed through (a DNS name works; an IPv6 literal gets its
+    brackets: ``[::1]:2379``). Several become gRPC's ``ipv4:a:p,b:p`` or
+    ``ipv6:[a]:p,[b]:p`` target, which needs IP literals of one family: names
+    are resolved once, here, to IPv4 (settings refuse a mix of families).
     """
     if len(endpoints) == 1:
-        return endpoints[0]
-    addresses = [f"{_resolve(host)}:{port}" for host, port in endpoints]
+        host, port = endpoints[0]
+        return (f"[{host}]" if is_ipv6(host) else host), port
+    if all(is_ipv6(host) for host, _ in endpoints):
+        family, addresses = "ipv6", [f"[{host}]:{port}" for host, port in endpoints]
+    else:
+        family, addresses = "ipv4", [f"{_resolve(host)}:{port}" for host, port in endpoints]
     head, _, last_port = ",".join(addresses).rpartition(":")
-    return f"ipv4:{head}", int(last_port)
+    return f"{family}:{head}", int(last_port)
 
 
 def _resolve(host: str) -> str:

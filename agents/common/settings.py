@@ -7,14 +7,18 @@ default.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import pwd
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agents.common import validation
 from agents.common.schema import NAME_PATTERN, PREFIX_PATTERN
 
 
@@ -22,23 +26,91 @@ def _env(name: str, *seed: str) -> AliasChoices:
     return AliasChoices(f"PILOTFISH_{name.upper()}", *seed)
 
 
-def parse_endpoints(value: str) -> list[tuple[str, int]]:
-    """``host:port[,host:port...]`` (``http://`` accepted, as etcdctl users write it)."""
-    endpoints = []
-    for raw in value.split(","):
-        item = raw.strip().removeprefix("http://").rstrip("/")
-        if not item:
-            continue
-        host, sep, port = item.rpartition(":")
-        if not sep:
-            host, port = item, "2379"
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{raw.strip()!r} is not host:port")
-        endpoints.append((host, int(port)))
+Scheme = Literal["http", "https"]
+_SCHEMES: tuple[Scheme, ...] = ("http", "https")
+
+
+def split_endpoint(raw: str) -> tuple[Scheme | None, str, int]:
+    """``[scheme://]host[:port]`` -> (scheme or None, host, port); IPv6 as ``[addr]:port``.
+
+    The host is an IP literal (IPv6 without brackets) or a DNS name; the port
+    defaults to etcd's 2379.
+    """
+    item = raw.strip()
+    scheme: Scheme | None = None
+    if "://" in item:
+        given, _, item = item.partition("://")
+        if given.lower() not in _SCHEMES:
+            raise ValueError(f"{raw.strip()!r}: scheme {given!r} is not http:// or https://")
+        scheme = "https" if given.lower() == "https" else "http"
+        item = item.removesuffix("/")
+    if item.startswith("["):
+        address, _, rest = item[1:].partition("]")
+        host, port = _ipv6(address, raw), rest.removeprefix(":") if rest else "2379"
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{raw.strip()!r} is not [IPv6]:port")
+    elif item.count(":") > 1:
+        raise ValueError(f"{raw.strip()!r}: write an IPv6 endpoint as [address]:port")
+    else:
+        host, sep, port = item.partition(":")
+        port = port if sep else "2379"
+        try:
+            host = validation.hostname(host)
+        except validation.Invalid:
+            raise ValueError(f"{raw.strip()!r} is not host:port") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{raw.strip()!r} is not host:port (port 1-65535)")
+    return scheme, host, int(port)
+
+
+def _ipv6(address: str, raw: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(validation.ip_literal(address)))
+    except (validation.Invalid, ValueError):
+        raise ValueError(f"{raw.strip()!r}: {address!r} is not an IPv6 address") from None
+
+
+def is_ipv6(host: str) -> bool:
+    return ":" in host
+
+
+def _split_all(value: str) -> list[tuple[Scheme | None, str, int]]:
+    endpoints = [split_endpoint(raw) for raw in value.split(",") if raw.strip()]
     if not endpoints:
         raise ValueError("no endpoint given")
+    if len({scheme for scheme, _, _ in endpoints if scheme is not None}) > 1:
+        raise ValueError("mixes http:// and https:// endpoints; TLS is on for all or none")
+    if len(endpoints) > 1 and len({is_ipv6(host) for _, host, _ in endpoints}) > 1:
+        # gRPC's multi-address target names one family (ipv4:... or ipv6:...).
+        raise ValueError("mixes IPv4 and IPv6 endpoints: one gRPC target takes one family")
     return endpoints
+
+
+def parse_endpoints(value: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]``: (host, port) pairs, IPv6 hosts without brackets.
+
+    ``http://`` and ``https://`` are accepted as etcdctl users write them
+    (https turns TLS on: :func:`endpoints_use_tls`); any other scheme, a mix of
+    schemes or a mix of IPv4 and IPv6 literals is refused.
+    """
+    return [(host, port) for _, host, port in _split_all(value)]
+
+
+def endpoints_use_tls(value: str) -> bool:
+    return any(scheme == "https" for scheme, _, _ in _split_all(value))
+
+
+def read_secret(path: str, what: str) -> str:
+    """A secret kept in a file (not on a command line, where ``ps`` shows it)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ValueError(f"cannot read {what} {path}: {reason}") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret or "\n" in secret:
+        raise ValueError(f"{what} {path} must hold one non-empty line")
+    return secret
 
 
 def _validate_admin(value: str) -> str:
@@ -65,8 +137,17 @@ class CommonSettings(BaseSettings):
     )
     prefix: str = Field("/pilotfish", description="etcd key prefix (isolates environments)")
     etcd_timeout: float = Field(5.0, gt=0, description="seconds before an etcd call is retried")
-    etcd_username: str | None = Field(None, description="etcd user (with --etcd-password)")
-    etcd_password: str | None = Field(None, description="etcd password")
+    etcd_username: str | None = Field(
+        None, description="etcd user (with --etcd-password-file or PILOTFISH_ETCD_PASSWORD)"
+    )
+    etcd_password: str | None = Field(
+        None,
+        description="etcd password (a flag shows in ps: prefer the file or the variable)",
+        repr=False,
+    )
+    etcd_password_file: str | None = Field(
+        None, description="file holding the etcd password (read once at start)"
+    )
     etcd_cacert: str | None = Field(
         None, description="CA bundle (PEM) to verify etcd's certificate; turns TLS on"
     )
@@ -103,9 +184,19 @@ class CommonSettings(BaseSettings):
             raise ValueError("--etcd-cert and --etcd-key go together")
         return value
 
+    @model_validator(mode="after")
+    def _read_etcd_password(self) -> Self:
+        if self.etcd_password_file is not None:
+            if self.etcd_password is not None:
+                raise ValueError("give --etcd-password-file or the etcd password, not both")
+            self.etcd_password = read_secret(self.etcd_password_file, "--etcd-password-file")
+        return self
+
     @property
     def etcd_tls(self) -> bool:
-        return any((self.etcd_cacert, self.etcd_cert, self.etcd_key))
+        """TLS to etcd: https:// endpoints, or any certificate given (then https is implied)."""
+        files = any((self.etcd_cacert, self.etcd_cert, self.etcd_key))
+        return files or endpoints_use_tls(self.etcd_host)
 
     @field_validator("prefix")
     @classmethod
@@ -185,7 +276,27 @@ class DiscovererSettings(CommonSettings):
     attach: bool = Field(
         False, description="use an HAProxy already running with the sockets in --state-dir"
     )
-    stats_address: str = Field(":1936", description="HAProxy stats page bind address, or off")
+    stats_address: str = Field(
+        "127.0.0.1:1936", description="HAProxy stats page bind address host:port, or off"
+    )
+    stats_credentials_file: str | None = Field(
+        None, description="file holding user:password for the stats page (read once at start)"
+    )
+    # Secrets: environment only, never a flag (ps shows a command line).
+    stats_user: str | None = Field(
+        None, description="stats page user", json_schema_extra={"env_only": True}
+    )
+    stats_password: str | None = Field(
+        None, description="stats page password", json_schema_extra={"env_only": True}, repr=False
+    )
+    haproxy_user: str = Field(
+        default_factory=lambda: _first_existing(_user_exists, "haproxy", "nobody"),
+        description="user HAProxy's workers run as when started by root, or none",
+    )
+    haproxy_group: str = Field(
+        default_factory=lambda: _first_existing(_group_exists, "haproxy", "nogroup", "nobody"),
+        description="group HAProxy's workers run as when started by root, or none",
+    )
     bind_address: str = Field("127.0.0.1", description="address consumer frontends bind")
     services: str = Field("", description="comma-separated services to expose (default: all)")
     drain_timeout: float = Field(
@@ -208,10 +319,80 @@ class DiscovererSettings(CommonSettings):
         "127.0.0.1:9102", description="host:port for /healthz and /metrics, or off"
     )
 
-    @field_validator("admin_address", "stats_address")
+    @field_validator("admin_address")
     @classmethod
     def _check_admin(cls, value: str) -> str:
         return _validate_admin(value)
+
+    @field_validator("stats_address")
+    @classmethod
+    def _check_stats(cls, value: str) -> str:
+        if value in ("", "off"):
+            return "off"
+        validation.bind_address(value, "stats address")
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _check_state_dir(cls, value: str) -> str:
+        # Sockets live there: a longer path cannot be bound (AF_UNIX limit).
+        absolute = str(Path(value).absolute()).rstrip("/") or "/"
+        validation.path(absolute, "state dir", validation.MAX_STATE_DIR)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                Path(value).read_text()
+            except (OSError, UnicodeDecodeError) as error:
+                reason = getattr(error, "strerror", None) or "not UTF-8 text"
+                raise ValueError(f"cannot read {value}: {reason}") from None
+        return value
+
+    @field_validator("haproxy_user")
+    @classmethod
+    def _check_user(cls, value: str) -> str:
+        return _check_account(value, "user", _user_exists)
+
+    @field_validator("haproxy_group")
+    @classmethod
+    def _check_group(cls, value: str) -> str:
+        return _check_account(value, "group", _group_exists)
+
+    @model_validator(mode="after")
+    def _read_stats_credentials(self) -> Self:
+        if self.stats_credentials_file is not None:
+            if self.stats_user is not None or self.stats_password is not None:
+                raise ValueError(
+                    "give --stats-credentials-file or PILOTFISH_STATS_USER/_PASSWORD, not both"
+                )
+            path = self.stats_credentials_file
+            line = read_secret(path, "--stats-credentials-file")
+            user, sep, password = line.partition(":")
+            if not sep:
+                raise ValueError(f"--stats-credentials-file {path} must hold user:password")
+            self.stats_user, self.stats_password = user, password
+        if (self.stats_user is None) != (self.stats_password is None):
+            raise ValueError("PILOTFISH_STATS_USER and PILOTFISH_STATS_PASSWORD go together")
+        if self.stats_user is not None:
+            validation.credential(self.stats_user, "stats user")
+            validation.credential(self.stats_password, "stats password")
+        return self
+
+    @property
+    def stats_auth(self) -> tuple[str, str] | None:
+        if self.stats_user is None or self.stats_password is None:
+            return None
+        return self.stats_user, self.stats_password
+
+    def haproxy_account(self, euid: int) -> tuple[str | None, str | None]:
+        """(user, group) for HAProxy's global section: only when started by root."""
+        if euid != 0:
+            return None, None
+        user, group = self.haproxy_user, self.haproxy_group
+        return (None if user == "none" else user), (None if group == "none" else group)
 
     @field_validator("bind_address")
     @classmethod
@@ -229,3 +410,32 @@ class DiscovererSettings(CommonSettings):
     @property
     def service_filter(self) -> frozenset[str]:
         return frozenset(filter(None, (s.strip() for s in self.services.split(","))))
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _first_existing(exists: Callable[[str], bool], *names: str) -> str:
+    return next((name for name in names if exists(name)), "none")
+
+
+def _check_account(value: str, kind: str, exists: Callable[[str], bool]) -> str:
+    if value == "none":
+        return value
+    validation.account(value, kind)
+    if not exists(value):
+        raise ValueError(f"no {kind} {value!r} on this host (or 'none')")
+    return value

@@ -29,6 +29,10 @@ PATH_PATTERN = r"^/[A-Za-z0-9_./-]*$"
 # `stats auth USER:PASSWORD`: HAProxy splits on the first ':' and the line on
 # whitespace; '#', quotes and backslashes would start a comment or an escape.
 CREDENTIAL_PATTERN = r"^[A-Za-z0-9_.@%+=,~!^*-]{1,64}$"
+# A DNS name (a bind address or an etcd endpoint): letters, digits, dots, dashes.
+HOSTNAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$"
+# `user` / `group` in HAProxy's global section: a POSIX account name.
+ACCOUNT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,31}$"
 
 MAX_NAME = 63
 # Sizes are bounded where values enter: one registration is a few hundred
@@ -45,6 +49,8 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _TAG_RE = re.compile(TAG_PATTERN)
 _PATH_RE = re.compile(PATH_PATTERN)
 _CREDENTIAL_RE = re.compile(CREDENTIAL_PATTERN)
+_HOSTNAME_RE = re.compile(HOSTNAME_PATTERN)
+_ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
 # A UNIX socket path is at most 107 bytes; the longest one under the state
 # directory is "/admin.sock.new"-sized, so the directory gets 90.
 MAX_STATE_DIR = 90
@@ -123,6 +129,40 @@ def credential(value: Any, what: str = "credential") -> str:
     if not isinstance(value, str) or not _CREDENTIAL_RE.fullmatch(value):
         raise Invalid(f"{what} must match {CREDENTIAL_PATTERN}")
     return value
+
+
+def hostname(value: Any, what: str = "host name") -> str:
+    if not isinstance(value, str) or not _HOSTNAME_RE.fullmatch(value):
+        raise Invalid(f"{what} {show(value)} does not match {HOSTNAME_PATTERN}")
+    return value
+
+
+def account(value: Any, what: str = "account") -> str:
+    """A user or group name for HAProxy's ``user`` / ``group`` lines."""
+    if not isinstance(value, str) or not _ACCOUNT_RE.fullmatch(value):
+        raise Invalid(f"{what} {show(value)} does not match {ACCOUNT_PATTERN}")
+    return value
+
+
+def bind_address(value: Any, what: str = "bind address") -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (every address) -> (host, port).
+
+    The host is an IP literal in its normal spelling, a DNS name, or "" for
+    every address; the port is 1-65535 (0 would make HAProxy pick one nobody knows).
+    """
+    text = value if isinstance(value, str) else ""
+    host, sep, digits = text.rpartition(":")
+    if not sep or not digits.isdigit() or len(digits) > 5:
+        raise Invalid(f"{what} {show(value)} is not host:port")
+    number = port(int(digits), f"{what} port")
+    if host.startswith("[") and host.endswith("]"):
+        return ip_literal(host[1:-1]), number
+    if host == "":
+        return "", number
+    try:
+        return ip_literal(host), number
+    except Invalid:
+        return hostname(host, f"{what} host"), number
 
 
 def server_name(host_id: str, container_id: str, private_port: int) -> str:

@@ -25,7 +25,6 @@ Choices:
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ _T = TypeVar("_T")
 
 TEMPLATE_NAME = "haproxy.cfg.j2"
 _TEMPLATES = Path(__file__).parent / "templates"
-_HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
 
 
 class ConfigError(ValueError):
@@ -53,9 +51,13 @@ class ConfigError(ValueError):
 class RenderOptions:
     state_dir: str
     bind_address: str = "127.0.0.1"
-    stats_address: str = ":1936"  # host:port, ":port" (all addresses) or "off"
+    stats_address: str = "127.0.0.1:1936"  # host:port, ":port" (all addresses) or "off"
     drain_timeout: float = 30.0
     template: str | None = None  # path of a Jinja2 template replacing the built-in one
+    stats_auth: tuple[str, str] | None = None  # (user, password) for the stats page
+    # Account HAProxy's workers switch to (only set when HAProxy starts as root).
+    user: str | None = None
+    group: str | None = None
 
 
 def render_config(catalog: Catalog, options: RenderOptions) -> str:
@@ -66,6 +68,9 @@ def render_config(catalog: Catalog, options: RenderOptions) -> str:
         "state_dir": _state_dir(options.state_dir),
         "bind_address": _ip(options.bind_address),
         "stats_bind": _stats_bind(options.stats_address),
+        "stats_auth": _stats_auth(options.stats_auth),
+        "user": _account(options.user, "user"),
+        "group": _account(options.group, "group"),
         "hard_stop_after_ms": int(max(options.drain_timeout, 5.0) * 1000),
         "services": [_service(catalog, name) for name in sorted(catalog)],
     }
@@ -156,23 +161,39 @@ def _state_dir(value: str) -> str:
 def _stats_bind(value: str) -> str | None:
     if value == "off":
         return None
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"stats address {value!r} is not host:port")
-    _port(int(port))
-    if host:
-        try:
-            host = str(ipaddress.ip_address(host.strip("[]")))
-        except ValueError:
-            if not _HOST_RE.fullmatch(host):
-                raise ConfigError(f"invalid stats host {host!r}") from None
-    return f"{host}:{int(port)}"
+    try:
+        host, port = validation.bind_address(value, "stats address")
+    except validation.Invalid as error:
+        raise ConfigError(str(error)) from None
+    return f"{host}:{port}"
+
+
+def _stats_auth(value: tuple[str, str] | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        user = validation.credential(value[0], "stats user")
+        password = validation.credential(value[1], "stats password")
+    except validation.Invalid as error:  # the message never shows the value
+        raise ConfigError(str(error)) from None
+    return f"{user}:{password}"
+
+
+def _account(value: str | None, kind: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return validation.account(value, kind)
+    except validation.Invalid as error:
+        raise ConfigError(str(error)) from None
 
 
 # The grammar of every line the built-in template may produce (fuzz-tested).
 _N = NAME_PATTERN.removeprefix("^").removesuffix("$")
 _ADDR = r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-f:.]{2,45})"
 _P = r"[1-9][0-9]{0,4}"
+_CRED = validation.CREDENTIAL_PATTERN.removeprefix("^").removesuffix("$")
+_ACCOUNT = validation.ACCOUNT_PATTERN.removeprefix("^").removesuffix("$")
 CONFIG_GRAMMAR = re.compile(
     "|".join(
         f"(?:{line})"
@@ -186,6 +207,7 @@ CONFIG_GRAMMAR = re.compile(
             r"expose-fd listeners",
             r"    stats timeout 2m",
             r"    hard-stop-after [0-9]+ms",
+            rf"    (?:user|group) {_ACCOUNT}",
             r"    mode (?:tcp|http)",
             r"    timeout (?:connect|client|server|tunnel|queue|http-request|http-keep-alive) "
             r"[0-9]+[smh]",
@@ -193,7 +215,8 @@ CONFIG_GRAMMAR = re.compile(
             r"    option (?:redispatch|idle-close-on-response)",
             r"listen _stats",
             rf"    bind (?:{_ADDR}|[A-Za-z0-9.-]{{1,253}})?:{_P}",
-            r"    stats (?:enable|uri /|refresh 5s)",
+            r"    stats (?:enable|uri /|refresh 5s|hide-version)",
+            rf"    stats auth {_CRED}:{_CRED}",
             rf"frontend fe_{_P}_{_N}",
             rf"    default_backend {_N}",
             rf"backend {_N}",

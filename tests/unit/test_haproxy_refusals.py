@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from agents.discoverer.config import RenderOptions, render_config
-from agents.discoverer.haproxy import _bind_error, _culprits
+from agents.discoverer.haproxy.refusals import bind_error, culprits
 from agents.discoverer.model import Server, Service
 
 CATALOG = {
@@ -25,18 +25,18 @@ def test_a_bind_alert_names_the_frontend_on_that_port() -> None:
         f"[ALERT]    (10546) : Binding [/run/pf/haproxy.cfg:{line + 1}] for frontend "
         "fe_40111_web: cannot bind socket (Address already in use) for [127.0.0.1:40111]"
     )
-    assert _culprits(alert, TEXT) == {"web"}
+    assert culprits(alert, TEXT) == {"web"}
 
 
 def test_a_parsing_alert_names_the_section_of_its_line() -> None:
     line = _line_of(TEXT, "backend api") + 2
     alert = f"[ALERT]    (1) : config : parsing [/run/pf/haproxy.cfg.new:{line}] : unknown keyword"
-    assert _culprits(alert, TEXT) == {"api"}
+    assert culprits(alert, TEXT) == {"api"}
 
 
 def test_an_alert_about_the_global_section_names_no_service() -> None:
     alert = "[ALERT]    (1) : config : parsing [/run/pf/haproxy.cfg:3] : unknown keyword"
-    assert _culprits(alert, TEXT) == set()
+    assert culprits(alert, TEXT) == set()
 
 
 def test_the_bind_probe_sees_a_port_another_process_listens_on() -> None:
@@ -44,5 +44,5 @@ def test_the_bind_probe_sees_a_port_another_process_listens_on() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert "Address already in use" in str(_bind_error("127.0.0.1", port))
-    assert _bind_error("127.0.0.1", port) is None
+        assert "Address already in use" in str(bind_error("127.0.0.1", port))
+    assert bind_error("127.0.0.1", port) is None

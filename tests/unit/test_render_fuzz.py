@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from agents.common.schema import NAME_PATTERN, Instance
 from agents.discoverer import commands as cmd
 from agents.discoverer.config import ConfigError, RenderOptions, grammar_violations, render_config
-from agents.discoverer.haproxy import _commands
+from agents.discoverer.haproxy.sink import _commands
 from agents.discoverer.model import Server, Service, build_catalog
 from agents.discoverer.plan import (
     AddServer,

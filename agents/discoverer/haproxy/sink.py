@@ -23,26 +23,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import ipaddress
-import os
 import re
-import signal
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
 
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, get_logger
-from agents.common.schema import NAME_PATTERN
 from agents.common.settings import DiscovererSettings
 from agents.discoverer import commands as cmd
-from agents.discoverer.config import RenderOptions, refused_services, render_config
+from agents.discoverer.config import refused_services, render_config
+from agents.discoverer.haproxy.master import Master
+from agents.discoverer.haproxy.options import render_options
+from agents.discoverer.haproxy.refusals import bind_error, culprits, last_alert
+from agents.discoverer.haproxy.runtime import ADMIN_PROMPT, CLI_ERRORS, HaproxyError, RuntimeClient
+from agents.discoverer.haproxy.state import parse_sessions, parse_state
 from agents.discoverer.metrics import SinkMetrics, default_metrics
-from agents.discoverer.model import Catalog, Server, ServerState, Service
+from agents.discoverer.model import Catalog, Service
 from agents.discoverer.plan import (
     Action,
     AddServer,
@@ -56,14 +54,6 @@ from agents.discoverer.plan import (
 
 log = get_logger("pilotfish.discoverer.haproxy")
 
-# How an answer ends. After a failed reload HAProxy 2.6 shows the master's
-# state in its prompt ("master[ReloadFailed]> "): match that too.
-_ADMIN_PROMPT = re.compile(rb"(?:\A|\n)> \Z")
-_MASTER_PROMPT = re.compile(rb"(?:\A|\n)master(?:\[[A-Za-z]+\])?> \Z")
-# Big enough for `show stat` of tens of thousands of servers in one answer.
-_READ_LIMIT = 64 * 1024 * 1024
-# HAProxy's CLI closes idle sessions (`stats timeout 2m`): reconnect well before.
-_IDLE_RECONNECT_S = 60.0
 _SUPERVISE_EVERY_S = 0.05
 _RESYNC_EVERY_S = 1.0
 _POLL_S = 0.05  # cap of the removal polls
@@ -79,332 +69,6 @@ def _poll_delays() -> Iterator[float]:
     while True:
         yield delay
         delay = min(delay * 2, _POLL_S)
-
-
-_FRONTEND_RE = re.compile(r"^fe_([0-9]{1,5})_(.+)$")
-_NAME_RE = re.compile(NAME_PATTERN)
-# srv_admin_state flags (server-t.h): FMAINT|IMAINT|CMAINT|RMAINT|HMAINT, FDRAIN|IDRAIN.
-_ADMIN_MAINT = 0x01 | 0x02 | 0x04 | 0x20 | 0x40
-_ADMIN_DRAIN = 0x08 | 0x10
-# srv_check_state flags (check-t.h): CONFIGURED | ENABLED.
-_CHECK_ON = 0x02 | 0x04
-
-
-class HaproxyError(RuntimeError):
-    """HAProxy refused something, or is not there."""
-
-
-# What a CLI socket raises when HAProxy is gone, restarting or too slow.
-_CLI_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError)
-
-
-# -- the CLI sockets ----------------------------------------------------------------
-
-
-class RuntimeClient:
-    """One persistent prompt-mode CLI connection; batches are pipelined."""
-
-    def __init__(self, path: Path, prompt: re.Pattern[bytes], timeout: float = 5.0) -> None:
-        self.path = path
-        self.prompt = prompt
-        self.timeout = timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._used = 0.0
-        self._lock = asyncio.Lock()
-        self.sent: list[str] = []  # every line sent, for metrics by the caller
-
-    async def execute(self, lines: Sequence[str]) -> list[str]:
-        """Send ``lines`` in one write, return one answer per line (stripped).
-
-        Raises ``OSError``/``TimeoutError`` when the socket fails; the caller
-        decides whether that batch may have been applied (it resyncs).
-        """
-        for line in lines:
-            cmd.validate_command(line)
-        async with self._lock:
-            try:
-                async with asyncio.timeout(self.timeout):  # not wait_for: see Etcd._call
-                    return await self._exchange(lines)
-            except _CLI_ERRORS:
-                await self._drop()
-                raise
-            except BaseException:
-                # Cancelled mid-exchange: the answers still on their way would
-                # be read by the next command as its own. Close, do not await.
-                self.reset()
-                raise
-
-    async def read(self, lines: Sequence[str]) -> list[str]:
-        """Like :meth:`execute`, for read-only commands: retried once on a fresh connection."""
-        try:
-            return await self.execute(lines)
-        except _CLI_ERRORS:
-            return await self.execute(lines)
-
-    async def _exchange(self, lines: Sequence[str]) -> list[str]:
-        if self._writer is None or time.monotonic() - self._used > _IDLE_RECONNECT_S:
-            await self._drop()
-            await self._connect()
-        assert self._reader is not None and self._writer is not None
-        self._writer.write("".join(f"{line}\n" for line in lines).encode())
-        await self._writer.drain()
-        answers = [await self._answer() for _ in lines]
-        self._used = time.monotonic()
-        return answers
-
-    async def _connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(
-            str(self.path), limit=_READ_LIMIT
-        )
-        self._writer.write(b"prompt\n")
-        await self._writer.drain()
-        await self._answer()
-
-    async def _answer(self) -> str:
-        assert self._reader is not None
-        raw = b""
-        while (end := self.prompt.search(raw)) is None:
-            raw += await self._reader.readuntil(b"> ")
-        return raw[: end.start()].decode(errors="replace").strip()
-
-    async def _drop(self) -> None:
-        writer, self._reader, self._writer = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def close(self) -> None:
-        async with self._lock:
-            await self._drop()
-
-    def reset(self) -> None:
-        """Forget the connection (after a reload it belongs to the old worker)."""
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-
-
-# -- the master process -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProcInfo:
-    master_pid: int
-    reloads: int
-    failed: int
-    worker_pid: int | None  # the current worker (0 reloads survived)
-
-
-def parse_show_proc(text: str) -> ProcInfo:
-    master = re.search(r"^(\d+)\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", text, re.M)
-    if master is None:
-        raise HaproxyError(f"unexpected `show proc` answer: {text[:200]!r}")
-    worker = re.search(r"^(\d+)\s+worker\s+0\s", text, re.M)
-    return ProcInfo(
-        int(master[1]), int(master[2]), int(master[3]), int(worker[1]) if worker else None
-    )
-
-
-class Master:
-    """HAProxy's master process: launched by us, or adopted from the pidfile."""
-
-    def __init__(self, settings: DiscovererSettings, state_dir: Path) -> None:
-        self.binary = settings.haproxy_binary
-        self.dir = state_dir
-        self.config = state_dir / "haproxy.cfg"
-        self.socket = state_dir / "master.sock"
-        self.pidfile = state_dir / "haproxy.pid"
-        self.logfile = state_dir / "haproxy.log"
-        self.cli = RuntimeClient(self.socket, _MASTER_PROMPT)
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pid: int | None = None
-
-    async def show_proc(self) -> ProcInfo:
-        (answer,) = await self.cli.read(["show proc"])
-        return parse_show_proc(answer)
-
-    async def answers(self) -> bool:
-        try:
-            await self.show_proc()
-        except (*_CLI_ERRORS, HaproxyError):
-            return False
-        return True
-
-    async def adopt(self) -> None:
-        """Use an HAProxy we did not start (a previous discoverer's, or --attach)."""
-        self.proc = None
-        self.pid = (await self.show_proc()).master_pid
-
-    def alive(self) -> bool:
-        if self.proc is not None:
-            return self.proc.returncode is None
-        return self.pid is not None and _pid_alive(self.pid)
-
-    async def write_config(self, text: str) -> None:
-        """``haproxy -c`` on a temporary file, then an atomic replace."""
-        tmp = self.config.with_suffix(".cfg.new")
-        tmp.write_text(text)
-        check = await asyncio.create_subprocess_exec(
-            self.binary, "-c", "-q", "-f", str(tmp),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await check.communicate()
-        if check.returncode != 0:
-            raise HaproxyError(f"haproxy -c refused the config: {output.decode()[-2000:]}")
-        os.replace(tmp, self.config)
-
-    async def launch(self) -> ProcInfo:
-        """Start a new master (config already written); return once its worker is up."""
-        with _open_log(self.logfile) as logfile:
-            self.proc = await asyncio.create_subprocess_exec(
-                self.binary, "-W", "-S", f"{self.socket},mode,600", "-f", str(self.config),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=logfile,
-                # Not in our process group: a Ctrl-C or a signal to the agent's group
-                # must not take routing down (HAProxy is left serving on exit).
-                start_new_session=True,
-            )  # fmt: skip
-        self.pid = self.proc.pid
-        self.cli.reset()
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                raise HaproxyError(f"HAProxy exited at start: {self._log_tail()}")
-            with contextlib.suppress(*_CLI_ERRORS, HaproxyError):
-                proc = await self.show_proc()
-                if proc.worker_pid is not None:
-                    return proc
-            await asyncio.sleep(0.01)
-        raise HaproxyError(f"HAProxy did not start within 10 s: {self._log_tail()}")
-
-    async def reload(self) -> ProcInfo:
-        """Reload through the master CLI; return once the new worker is there."""
-        before = await self.show_proc()
-        # The master re-executes itself: this connection dies, a new one is refused
-        # for a few ms (measured ~40 ms until it answers again).
-        self.cli.reset()
-        reader, writer = await asyncio.open_unix_connection(str(self.socket))
-        writer.write(b"reload\n")
-        await writer.drain()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
-                await reader.read()
-        writer.close()
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-            try:
-                now = await self.show_proc()
-            except _CLI_ERRORS:
-                continue
-            if now.failed > before.failed:
-                raise HaproxyError(f"HAProxy reload failed: {self._log_tail()}")
-            if now.reloads > before.reloads and now.worker_pid not in (None, before.worker_pid):
-                return now
-        raise HaproxyError("HAProxy reload did not finish within 10 s")
-
-    async def stop(self) -> None:
-        pid = self.pid
-        if pid is None or not self.alive():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        while self.alive() and time.monotonic() < deadline:  # noqa: ASYNC110 - a pid, no event
-            await asyncio.sleep(0.02)
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.proc is not None:
-            await self.proc.wait()
-
-    def _log_tail(self) -> str:
-        try:
-            return self.logfile.read_text(errors="replace")[-1500:]
-        except OSError:
-            return "(no log)"
-
-
-def _pid_alive(pid: int) -> bool:
-    # Not our child: a zombie (parent not reaping) counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _open_log(path: Path) -> IO[bytes]:
-    # HAProxy's alerts go to stderr: keep them in a file it can outlive us with
-    # (a pipe to us would SIGPIPE it once we exit). Rotated once at 10 MiB.
-    with contextlib.suppress(OSError):
-        if path.stat().st_size > 10 * 1024 * 1024:
-            os.replace(path, path.with_suffix(".log.1"))
-    return open(path, "ab")  # the child gets its own descriptor; ours closes
-
-
-# -- reading HAProxy's state back ---------------------------------------------------
-
-
-def parse_state(show_stat: str, servers_state: str) -> Catalog:
-    """HAProxy's actual routing table, as a Catalog (state may be "maint")."""
-    listeners: dict[str, tuple[int, str]] = {}
-    backends: set[str] = set()
-    lines = show_stat.splitlines()
-    if lines and lines[0].startswith("# "):
-        for row in csv.DictReader([lines[0][2:], *lines[1:]]):
-            proxy, kind = row.get("pxname") or "", row.get("svname")
-            match = _FRONTEND_RE.match(proxy)
-            if kind == "FRONTEND" and match and row.get("mode") in ("tcp", "http"):
-                listeners[match[2]] = (int(match[1]), row["mode"])
-            elif kind == "BACKEND":
-                backends.add(proxy)
-    catalog: Catalog = {
-        name: Service(name, port, "http" if mode == "http" else "tcp")
-        for name, (port, mode) in listeners.items()
-        if name in backends and _NAME_RE.fullmatch(name)
-    }
-    header: list[str] = []
-    for line in servers_state.splitlines():
-        if line.startswith("# "):
-            header = line[2:].split()
-            continue
-        fields = line.split()
-        if not header or len(fields) < len(header):
-            continue  # the version line, or garbage
-        row = dict(zip(header, fields, strict=False))
-        service = catalog.get(row["be_name"])
-        if service is None:
-            continue
-        admin = int(row["srv_admin_state"])
-        state: ServerState = (
-            "maint" if admin & _ADMIN_MAINT else "draining" if admin & _ADMIN_DRAIN else "up"
-        )
-        service.servers[row["srv_name"]] = Server(
-            name=row["srv_name"],
-            address=str(ipaddress.ip_address(row["srv_addr"])),
-            port=int(row["srv_port"]),
-            weight=int(row["srv_uweight"]),
-            check=int(row["srv_check_state"]) & _CHECK_ON == _CHECK_ON,
-            state=state,
-        )
-    return catalog
-
-
-def parse_sessions(show_stat: str, server: str) -> int:
-    """Current sessions + queued requests of ``server`` in a `show stat <be> 4 -1` answer."""
-    lines = show_stat.splitlines()
-    if not lines or not lines[0].startswith("# "):
-        return 0
-    for row in csv.DictReader([lines[0][2:], *lines[1:]]):
-        if row.get("svname") == server:
-            return int(row.get("scur") or 0) + int(row.get("qcur") or 0)
-    return 0
 
 
 # -- the sink -----------------------------------------------------------------------
@@ -424,15 +88,9 @@ class HaproxySink:
         self.settings = settings
         self.metrics = metrics or default_metrics()
         self.dir = Path(settings.state_dir).absolute()
-        self.options = RenderOptions(
-            state_dir=str(self.dir),
-            bind_address=settings.bind_address,
-            stats_address=settings.stats_address,
-            drain_timeout=settings.drain_timeout,
-            template=settings.template,
-        )
+        self.options = render_options(settings)
         self.master = Master(settings, self.dir)
-        self.admin = RuntimeClient(self.dir / "admin.sock", _ADMIN_PROMPT)
+        self.admin = RuntimeClient(self.dir / "admin.sock", ADMIN_PROMPT)
         self._desired: Catalog = {}
         self._view: Catalog = {}
         # The desired catalog the view matched after the last clean sync: the
@@ -600,7 +258,7 @@ class HaproxySink:
     def _refuse_unbindable(self, new: Catalog) -> None:
         """Leave out the new listeners whose port another process holds."""
         for service in new.values():
-            error = _bind_error(self.options.bind_address, service.bind_port)
+            error = bind_error(self.options.bind_address, service.bind_port)
             if error is not None:
                 self._refuse_listener(service, error)
 
@@ -610,11 +268,11 @@ class HaproxySink:
         """After HAProxy refused a configuration: leave out the services it
         names (or else, on a reload, every new listener: the running ones
         keep their updates)."""
-        named = _culprits(str(error), text) & new.keys()
+        named = culprits(str(error), text) & new.keys()
         if not named and not (blame_all_new and new):
             return  # not one service's fault: retried as a whole
         for name in named or new.keys():
-            self._refuse_listener(new[name], f"HAProxy refused it: {_last_alert(str(error))}")
+            self._refuse_listener(new[name], f"HAProxy refused it: {last_alert(str(error))}")
 
     # -- sync: view → desired ---------------------------------------------------
 
@@ -682,7 +340,7 @@ class HaproxySink:
     async def _send(self, lines: list[str]) -> list[str]:
         try:
             answers = await self.admin.execute(lines)
-        except _CLI_ERRORS as error:
+        except CLI_ERRORS as error:
             self._stale = True  # unknown how much of the batch was applied
             raise HaproxyError(f"HAProxy admin socket: {error!r}") from error
         self._count(lines)
@@ -886,59 +544,6 @@ def _missing(trimmed: tuple[Service, Service]) -> set[str]:
 
 def _server_of(action: Action) -> str:
     return action.server.name if isinstance(action, AddServer | SetAddress) else action.name
-
-
-def _bind_error(address: str, port: int) -> str | None:
-    """Why HAProxy could not bind ``address:port`` now (None: it can).
-
-    A plain bind, without SO_REUSEPORT: a port that another process listens
-    on is refused, as HAProxy's own bind would be.
-    """
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((address, port))
-        except OSError as error:
-            return f"cannot bind {address}:{port}: {error.strerror}"
-    return None
-
-
-_BIND_ALERT = re.compile(r"\[(?:[0-9.]+|[0-9a-fA-F:]+|\*|):([0-9]{1,5})\]")
-_LINE_ALERT = re.compile(r"\[[^\]]*haproxy\.cfg(?:\.new)?:([0-9]+)\]")
-_SECTION = re.compile(r"^(?:frontend fe_[0-9]+_|backend )([A-Za-z0-9_.-]+)$")
-
-
-def _culprits(alerts: str, text: str) -> set[str]:
-    """The services HAProxy's alerts name: by the port a bind failed on, or
-    by the configuration line (the section it is in)."""
-    lines = text.split("\n")
-    sections: list[str | None] = []
-    current: str | None = None
-    for line in lines:
-        match = _SECTION.match(line)
-        current = match[1] if match else (None if line and not line[0].isspace() else current)
-        sections.append(current)
-    named: set[str] = set()
-    for alert in alerts.splitlines():
-        if "cannot bind" in alert or "Address already in use" in alert:
-            for port in _BIND_ALERT.findall(alert):
-                named |= {s for s in _frontends_on(lines, int(port))}
-        for number in _LINE_ALERT.findall(alert):
-            index = int(number) - 1
-            if 0 <= index < len(sections) and sections[index] is not None:
-                named.add(str(sections[index]))
-    return named
-
-
-def _frontends_on(lines: list[str], port: int) -> set[str]:
-    prefix = f"frontend fe_{port}_"
-    return {line.removeprefix(prefix) for line in lines if line.startswith(prefix)}
-
-
-def _last_alert(text: str) -> str:
-    alerts = [line.strip() for line in text.splitlines() if "ALERT" in line]
-    return (alerts[-1] if alerts else text.strip().splitlines()[-1] if text.strip() else "")[-300:]
 
 
 def _commands(action: Action) -> list[str]:
