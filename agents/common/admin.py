@@ -5,13 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+)
 
 from agents.common.logging import get_logger
 
 log = get_logger("pilotfish.admin")
 
 HealthCheck = Callable[[], tuple[bool, dict[str, object]]]
+
+
+def process_registry() -> CollectorRegistry:
+    """A registry for one agent, with the process and Python metrics in it."""
+    registry = CollectorRegistry()
+    registry.register(PROCESS_COLLECTOR)
+    registry.register(PLATFORM_COLLECTOR)
+    registry.register(GC_COLLECTOR)
+    return registry
 
 
 class AdminServer:

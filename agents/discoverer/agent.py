@@ -17,47 +17,22 @@ from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from agents.common.admin import AdminServer
+from agents.common.admin import AdminServer, process_registry
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd
 from agents.common.logging import OnceEvery, describe, get_logger
+from agents.common.prefix_source import EtcdSource, source_metrics
+from agents.common.prefix_state import Snapshot
 from agents.common.quarantine import Quarantine
 from agents.common.settings import DiscovererSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.discoverer.guard import EmptyPrefixGuard
+from agents.discoverer.metrics import AgentMetrics, agent_metrics, new_metrics
 from agents.discoverer.model import Catalog, CatalogBuilder, Conflict, ListenRules
-from agents.discoverer.source import EtcdSource, Snapshot
 
 log = get_logger("pilotfish.discoverer")
-
-_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-APPLY_LATENCY = Histogram(
-    "pilotfish_discoverer_apply_latency_seconds",
-    "etcd event arrival → HAProxy updated (sink.apply done)",
-    buckets=_LATENCY_BUCKETS,
-)
-REGISTRATION_LATENCY = Histogram(
-    "pilotfish_discoverer_registration_latency_seconds",
-    "instance registered_at (registrar clock) → HAProxy updated, for new puts",
-    buckets=_LATENCY_BUCKETS,
-)
-BATCHES = Counter("pilotfish_discoverer_batches", "snapshots applied to HAProxy")
-APPLY_ERRORS = Counter("pilotfish_discoverer_apply_errors", "failed applies (retried)")
-EMPTY_PREFIX_ALARM = Gauge(
-    "pilotfish_discoverer_empty_prefix_alarm",
-    "1 while the service prefix is empty and the last known servers are held",
-)
-INSTANCES = Gauge("pilotfish_discoverer_instances", "instances served (after the guard)")
-SERVICES = Gauge("pilotfish_discoverer_services", "services (frontends) in the catalog")
-CONFLICTS = Gauge(
-    "pilotfish_discoverer_conflicts", "instances that do not fit the catalog (routed or not)"
-)
-QUARANTINED = Gauge(
-    "pilotfish_discoverer_quarantined",
-    "etcd keys left out of routing, each with a reason (listed in /healthz)",
-)
 
 # Registration latency is only meaningful for fresh registrations; an old
 # registered_at (a re-put after a lease loss) would pollute the histogram.
@@ -97,13 +72,16 @@ class Discoverer:
         source: Source,
         sink: Sink,
         rules: ListenRules | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.settings = settings
+        # A private registry unless serve() passes the agent's.
+        self.metrics = metrics or agent_metrics(CollectorRegistry())
         self.source = source
         self.sink = sink
         self.guard = EmptyPrefixGuard(hold_for=settings.loss_hold)
         self.builder = CatalogBuilder(settings.service_filter, rules or listen_rules(settings))
-        self.quarantine = Quarantine(log, QUARANTINED)
+        self.quarantine = Quarantine(log, self.metrics.quarantined)
         self._built_live = False  # the builder's last state was a live snapshot
         self.started = False
         self.catalog: Catalog = {}
@@ -180,7 +158,7 @@ class Discoverer:
             now=time.monotonic(),
             reconnected_at=snapshot.reconnected_at,
         )
-        EMPTY_PREFIX_ALARM.set(1 if self.guard.alarm else 0)
+        self.metrics.empty_prefix_alarm.set(1 if self.guard.alarm else 0)
         # The snapshot's changed keys describe live state after live state;
         # around held (guarded) state the builder compares everything.
         live = instances is snapshot.instances
@@ -192,9 +170,9 @@ class Discoverer:
         self._quarantine_refused_by_haproxy()
         self.catalog = catalog
         self.served = sum(len(s.servers) for s in catalog.values())
-        INSTANCES.set(self.served)
-        SERVICES.set(len(catalog))
-        BATCHES.inc()
+        self.metrics.instances.set(self.served)
+        self.metrics.services.set(len(catalog))
+        self.metrics.batches.inc()
         if not replay:
             self._observe(snapshot)
 
@@ -216,7 +194,7 @@ class Discoverer:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # any HAProxy failure: keep trying, log once
-                APPLY_ERRORS.inc()
+                self.metrics.apply_errors.inc()
                 self.last_apply_error = describe(error)
                 if self._quiet.should_log("apply"):
                     log.error(
@@ -245,7 +223,7 @@ class Discoverer:
             log.exception("HAProxy supervision stopped")
 
     def _observe(self, snapshot: Snapshot) -> None:
-        APPLY_LATENCY.observe(time.monotonic() - snapshot.first_change_at)
+        self.metrics.apply_latency.observe(time.monotonic() - snapshot.first_change_at)
         if snapshot.relisted:
             return
         now = datetime.now(UTC)
@@ -254,7 +232,7 @@ class Discoverer:
                 continue  # filtered out by --services or a conflict
             age = (now - instance.registered_at).total_seconds()
             if 0 <= age <= _FRESH_REGISTRATION_S:
-                REGISTRATION_LATENCY.observe(age)
+                self.metrics.registration_latency.observe(age)
 
     def _log_conflicts(self, conflicts: list[Conflict]) -> None:
         current = set(conflicts)
@@ -267,7 +245,7 @@ class Discoverer:
                     reason=conflict.reason,
                 )
         self._conflicts = current
-        CONFLICTS.set(len(current))
+        self.metrics.conflicts.set(len(current))
         left_out = {c.key: c.reason for c in conflicts if not c.routed}
         self.quarantine.replace("catalog", left_out)
 
@@ -296,11 +274,14 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
     """Run the discoverer until ``stop`` is set (SIGTERM / SIGINT)."""
     from agents.discoverer.haproxy import HaproxySink  # the HAProxy side, built separately
 
+    registry = process_registry()
     etcd = Etcd(settings)
-    source = EtcdSource(etcd, settings.prefix)
-    sink = HaproxySink(settings)
-    discoverer = Discoverer(settings, source, sink)
-    admin = AdminServer(settings.admin_address, discoverer.health)
+    source = EtcdSource(
+        etcd, settings.prefix, metrics=source_metrics(registry, "pilotfish_discoverer")
+    )
+    sink = HaproxySink(settings, new_metrics(registry))
+    discoverer = Discoverer(settings, source, sink, metrics=agent_metrics(registry))
+    admin = AdminServer(settings.admin_address, discoverer.health, registry)
     log.info(
         "discoverer starting",
         etcd=etcd.target,

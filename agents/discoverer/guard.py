@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agents.common.logging import get_logger
+from agents.common.prefix_state import EmptyCause
 from agents.common.schema import Instance
-from agents.discoverer.source import EmptyCause
 
 log = get_logger("pilotfish.discoverer.guard")
 

@@ -1,15 +1,14 @@
-"""Prometheus metrics of the HAProxy sink.
+"""Prometheus metrics of the discoverer: its loop's and its HAProxy sink's.
 
-The default collectors are module-level (prometheus_client refuses to register
-a name twice in one registry, and the agent builds one sink per process);
-tests pass their own registry through :func:`new_metrics` to count exactly.
+Each is built in the registry it is given: the agent's own (serve() makes
+one per agent, with the process metrics), or a private one in tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +43,54 @@ def new_metrics(registry: CollectorRegistry) -> SinkMetrics:
     )
 
 
-_default: SinkMetrics | None = None
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def default_metrics() -> SinkMetrics:
-    """The process-wide metrics in prometheus_client's default registry (created once)."""
-    global _default
-    if _default is None:
-        _default = new_metrics(REGISTRY)
-    return _default
+@dataclass(frozen=True, slots=True)
+class AgentMetrics:
+    apply_latency: Histogram
+    registration_latency: Histogram
+    batches: Counter
+    apply_errors: Counter
+    empty_prefix_alarm: Gauge
+    instances: Gauge
+    services: Gauge
+    conflicts: Gauge
+    quarantined: Gauge
+
+
+def agent_metrics(registry: CollectorRegistry) -> AgentMetrics:
+    ns = "pilotfish_discoverer"
+    return AgentMetrics(
+        apply_latency=Histogram(
+            f"{ns}_apply_latency_seconds",
+            "etcd event arrival → HAProxy updated (sink.apply done)",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        registration_latency=Histogram(
+            f"{ns}_registration_latency_seconds",
+            "instance registered_at (registrar clock) → HAProxy updated, for new puts",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        batches=Counter(f"{ns}_batches", "snapshots applied to HAProxy", registry=registry),
+        apply_errors=Counter(f"{ns}_apply_errors", "failed applies (retried)", registry=registry),
+        empty_prefix_alarm=Gauge(
+            f"{ns}_empty_prefix_alarm",
+            "1 while most instances vanished at once and the last known servers are held",
+            registry=registry,
+        ),
+        instances=Gauge(f"{ns}_instances", "instances served (after the guard)", registry=registry),
+        services=Gauge(f"{ns}_services", "services (frontends) in the catalog", registry=registry),
+        conflicts=Gauge(
+            f"{ns}_conflicts",
+            "instances that do not fit the catalog (routed or not)",
+            registry=registry,
+        ),
+        quarantined=Gauge(
+            f"{ns}_quarantined",
+            "etcd keys left out of routing, each with a reason (listed in /healthz)",
+            registry=registry,
+        ),
+    )

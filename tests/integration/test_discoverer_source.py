@@ -17,9 +17,10 @@ from discoverer_support import EtcdProxy, make_instance
 
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd
+from agents.common.prefix_source import EtcdSource
+from agents.common.prefix_state import Snapshot
 from agents.common.schema import Instance, instance_key, services_prefix
 from agents.common.settings import CommonSettings
-from agents.discoverer.source import EtcdSource, Snapshot
 
 pytestmark = pytest.mark.integration
 

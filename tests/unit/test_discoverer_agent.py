@@ -7,14 +7,13 @@ from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from agents.common.prefix_state import EmptyCause, PrefixState, Snapshot
 from agents.common.schema import Instance, instance_key
 from agents.common.settings import DiscovererSettings
 from agents.discoverer.agent import Discoverer
 from agents.discoverer.model import Catalog
-from agents.discoverer.source import EmptyCause, PrefixState, Snapshot
 
 PREFIX = "/pf"
 
@@ -153,7 +152,7 @@ async def test_wipe_alarm_holds_and_recovers() -> None:
     assert len(sink.applied[0]["web"].servers) == 2
     ok, details = agent.health()
     assert not ok and details["empty_prefix_alarm"] is True and details["held_instances"] == 2
-    assert REGISTRY.get_sample_value("pilotfish_discoverer_empty_prefix_alarm") == 1
+    assert agent.metrics.empty_prefix_alarm._value.get() == 1
     source.queue.put_nowait(snap(a))  # host-a is back, host-b not yet: still held
     await until(lambda: len(sink.applied) == 2)
     assert set(sink.applied[1]["web"].servers) == {a.server_name, b.server_name}
@@ -163,7 +162,7 @@ async def test_wipe_alarm_holds_and_recovers() -> None:
     await until(lambda: len(sink.applied) == 3)
     assert set(sink.applied[2]["web"].servers) == {a.server_name, c.server_name}
     assert agent.health()[0]
-    assert REGISTRY.get_sample_value("pilotfish_discoverer_empty_prefix_alarm") == 0
+    assert agent.metrics.empty_prefix_alarm._value.get() == 0
     await stop(task)
 
 

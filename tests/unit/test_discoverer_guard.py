@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from agents.common.prefix_state import PrefixState
 from agents.common.schema import Instance, instance_key
 from agents.discoverer.guard import EmptyPrefixGuard
-from agents.discoverer.source import PrefixState
 
 PREFIX = "/pf"
 

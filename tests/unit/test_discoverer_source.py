@@ -12,8 +12,9 @@ from structlog.testing import capture_logs
 
 from agents.common.backoff import Backoff
 from agents.common.etcd import KeyValue, RevisionCompacted, WatchEvent
+from agents.common.prefix_source import EtcdSource
+from agents.common.prefix_state import PrefixState
 from agents.common.schema import Instance, instance_key
-from agents.discoverer.source import EtcdSource, PrefixState
 
 PREFIX = "/pf"
 

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, get_logger
 from agents.common.settings import DiscovererSettings
@@ -39,7 +41,7 @@ from agents.discoverer.haproxy.options import render_options
 from agents.discoverer.haproxy.refusals import bind_error, culprits, last_alert
 from agents.discoverer.haproxy.runtime import ADMIN_PROMPT, CLI_ERRORS, HaproxyError, RuntimeClient
 from agents.discoverer.haproxy.state import parse_sessions, parse_state
-from agents.discoverer.metrics import SinkMetrics, default_metrics
+from agents.discoverer.metrics import SinkMetrics, new_metrics
 from agents.discoverer.model import Catalog, Service
 from agents.discoverer.plan import (
     Action,
@@ -86,7 +88,7 @@ class _Status:
 class HaproxySink:
     def __init__(self, settings: DiscovererSettings, metrics: SinkMetrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or default_metrics()
+        self.metrics = metrics or new_metrics(CollectorRegistry())  # private unless given
         self.dir = Path(settings.state_dir).absolute()
         self.options = render_options(settings)
         self.master = Master(settings, self.dir)
