@@ -3,12 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl openssl
+DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl openssl chromium
 
 .PHONY: help deps venv lock test test-deploy unit lint typecheck demo demo-down bench clean
 
 help:
-	@echo "make demo       bring up etcd, dockerd (if needed), registrar, discoverer+HAProxy, 3 whoami"
+	@echo "make demo       bring up etcd, dockerd (if needed), registrar, discoverer+HAProxy, catalog, 3 whoami"
 	@echo "make demo-down  remove everything the demo started"
 	@echo "make test       the whole test suite (starts real dockerd, etcd, HAProxy)"
 	@echo "make test-deploy  the demo, systemd units, images and compose stack, built and run"
@@ -19,7 +19,7 @@ help:
 
 # Installs the Debian packages the agents and tests drive (root or sudo needed).
 deps:
-	@missing=""; for b in dockerd etcd etcdctl haproxy busybox ip curl openssl; do command -v $$b >/dev/null || missing=1; done; \
+	@missing=""; for b in dockerd etcd etcdctl haproxy busybox ip curl openssl chromium; do command -v $$b >/dev/null || missing=1; done; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -76,6 +76,7 @@ bench: deps venv
 	$(BIN)/python bench/registrar.py
 	$(BIN)/python bench/discoverer.py
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/catalog.py
 
 clean: demo-down
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

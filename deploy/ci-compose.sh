@@ -19,6 +19,7 @@ log "images ready after $((SECONDS - start)) s"
 
 export ETCD_IMAGE HOST_IP="$PF_HOST_IP" DOCKER_SOCKET="${DOCKER_HOST#unix://}"
 export PILOTFISH_REGISTRAR_IMAGE="$PF_REGISTRAR_IMAGE" PILOTFISH_DISCOVERER_IMAGE="$PF_DISCOVERER_IMAGE"
+export PILOTFISH_CATALOG_IMAGE="$PF_REGISTRAR_IMAGE"  # the catalog runs in the registrar's image
 export WHOAMI_IMAGE="$PF_WHOAMI_IMAGE" PILOTFISH_PREFIX="/demo-$$"
 # Host-network ports moved off the defaults, so the demo never collides with
 # anything else on the CI machine.
@@ -26,7 +27,8 @@ ETCD_PUBLISH="127.0.0.1:$(free_port)"
 WHOAMI_PORT="$(free_port)"
 STATS_ADDRESS="127.0.0.1:$(free_port)"
 DISCOVERER_ADMIN_ADDRESS="127.0.0.1:$(free_port)"
-export ETCD_PUBLISH WHOAMI_PORT STATS_ADDRESS DISCOVERER_ADMIN_ADDRESS
+CATALOG_PUBLISH="127.0.0.1:$(free_port)"
+export ETCD_PUBLISH WHOAMI_PORT STATS_ADDRESS DISCOVERER_ADMIN_ADDRESS CATALOG_PUBLISH
 compose=(docker-compose -p "pfdemo$$" -f "$PF_REPO/compose/docker-compose.yml")
 
 down() {
@@ -64,3 +66,11 @@ seen="$(for _ in $(seq 1 12); do fetch; done | sort -u)"
 printf '%s\n' "$seen" >&2
 [[ "$(grep -c '^Hostname:' <<<"$seen")" == 3 ]] || { log "expected 3 distinct backends"; exit 1; }
 log "client reached all 3 whoami instances through HAProxy after $((SECONDS - up_start)) s"
+
+catalog_lists() {
+    python3 -c 'import json, sys, urllib.request as r
+body = json.load(r.urlopen(f"http://{sys.argv[1]}/api/v1/services?name=whoami", timeout=2))
+sys.exit(0 if [s["instances"] for s in body["services"]] == [3] else 1)' "$CATALOG_PUBLISH" 2>/dev/null
+}
+wait_for 60 "the catalog on $CATALOG_PUBLISH listing the 3 whoami instances" catalog_lists
+log "catalog: 3 whoami instances on http://$CATALOG_PUBLISH/ after $((SECONDS - up_start)) s"

@@ -11,6 +11,14 @@ bridge="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("b
 answers="$(for _ in $(seq 1 12); do curl -fsS --max-time 2 127.0.0.1:8080; done | sort -u | wc -l)"
 echo "distinct containers answering on 127.0.0.1:8080: $answers"
 curl -fsS --max-time 2 -o /dev/null 127.0.0.1:1936/ && echo "stats page answers on :1936"
+catalog="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["catalog_url"])' "$DEMO_DIR/state.json")"
+listed=""
+for _ in $(seq 1 50); do
+    listed="$(curl -fsS --max-time 2 "${catalog}api/v1/services?name=whoami" | grep -o '"instances":3' || true)"
+    [[ -n "$listed" ]] && break
+    sleep 0.1
+done
+echo "catalog at $catalog lists whoami: ${listed:-no}"
 make demo-down
 
 left=""
@@ -21,8 +29,8 @@ for pid in $pids; do
 done
 [[ -z "$bridge" ]] || ! ip link show "$bridge" >/dev/null 2>&1 || left+=" bridge $bridge"
 [[ ! -e "$DEMO_DIR" ]] || left+=" $DEMO_DIR"
-if [[ "$answers" -lt 3 || -n "$left" ]]; then
-    echo "demo check failed: $answers distinct answers (want 3); left behind:${left:- nothing}" >&2
+if [[ "$answers" -lt 3 || -z "$listed" || -n "$left" ]]; then
+    echo "demo check failed: $answers distinct answers (want 3), catalog listing: ${listed:-none}; left behind:${left:- nothing}" >&2
     exit 1
 fi
 echo "demo up, answered by 3 containers, and removed without a trace"

@@ -1,4 +1,4 @@
-"""The demo: etcd, a registrar, a discoverer with its HAProxy, three whoami containers.
+"""The demo: etcd, a registrar, a discoverer with its HAProxy, the catalog, three whoami containers.
 
     python scripts/demo.py up     (make demo)
     python scripts/demo.py down   (make demo-down)
@@ -40,6 +40,7 @@ DEMO_DIR = Path(os.environ.get("PILOTFISH_DEMO_DIR", "/tmp/pilotfish-demo"))
 LABEL = "pilotfish.demo=1"
 SERVICE_PORT = 8080  # whoami's private port: consumers reach it on 127.0.0.1:8080
 STATS_PORT = 1936
+CATALOG_PORT = 9103
 PILOTFISH = [sys.executable, "-m", "agents"]
 
 
@@ -168,18 +169,23 @@ def up() -> int:
             ],
             state,
         )
+        catalog_port = CATALOG_PORT if port_free(CATALOG_PORT) else free_port()
+        state["catalog_url"] = f"http://127.0.0.1:{catalog_port}/"
+        spawn_agent("catalog", ["catalog", *common, "--address", f"127.0.0.1:{catalog_port}"], state)
         containers = start_whoami(engine, 3)
     finally:
         (DEMO_DIR / "state.json").write_text(json.dumps(state, indent=1))
     answers = wait_for_answers(len(containers))
-    print_usage(engine, containers, answers)
+    print_usage(engine, containers, answers, str(state["catalog_url"]))
     return 0 if answers else 1
 
 
-def print_usage(engine: Dockerd, containers: list[str], answers: set[str]) -> None:
+def print_usage(engine: Dockerd, containers: list[str], answers: set[str], catalog: str) -> None:
     docker = f"docker -H {engine.docker_host}"
     print(f"""
 pilotfish demo is up: 3 whoami containers ({", ".join(containers)}), answered by {len(answers)}.
+
+  catalog: {catalog}         # the service catalog: web UI, JSON API, live
 
   curl 127.0.0.1:{SERVICE_PORT}                       # a different container each time
   curl 127.0.0.1:{STATS_PORT}/                        # HAProxy's stats page
@@ -187,7 +193,7 @@ pilotfish demo is up: 3 whoami containers ({", ".join(containers)}), answered by
       --label pilotfish.mode=http -p {engine.host_ip}::{SERVICE_PORT} pilotfish-whoami
                                              # one more: it answers within milliseconds
   {docker} stop <id>                          # drained, then gone from HAProxy
-  tail -f {DEMO_DIR}/registrar.log {DEMO_DIR}/discoverer.log
+  tail -f {DEMO_DIR}/registrar.log {DEMO_DIR}/discoverer.log {DEMO_DIR}/catalog.log
 
   make demo-down                             # removes everything the demo started
 """)
@@ -199,7 +205,7 @@ def down() -> int:
         print("no demo is up")
         return 0
     state = json.loads(state_file.read_text())
-    for name in ("registrar_pid", "discoverer_pid"):
+    for name in ("registrar_pid", "discoverer_pid", "catalog_pid"):
         terminate(state.get(name), 5)
     terminate(haproxy_master_pid(), 5)
     with contextlib.suppress(StackError, KeyError):

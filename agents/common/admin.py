@@ -49,7 +49,9 @@ class AdminServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A request still in flight when the agent stops gets this long, not
+        # aiohttp's default 60 s: a stopping agent must exit within 2 s.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         host, _, port = self.address.rpartition(":")
         site = web.TCPSite(self._runner, host or "0.0.0.0", int(port), reuse_address=True)

@@ -7,7 +7,10 @@
 - a deadline on every unary call;
 - a lease keep-alive loop at TTL/3 that notices an expired lease (a refresh of
   an expired lease returns TTL 0, it does not raise) and replaces it;
-- a watch that reports the revision of every event, so callers can resume.
+- a watch that reports the revision of every event, so callers can resume;
+- watches of single keys, any number of them multiplexed on the client's one
+  watch stream (aetcd keeps one gRPC stream and tells events apart by watch
+  id), for a registrar that guards the keys it owns.
 """
 
 from __future__ import annotations
@@ -119,6 +122,32 @@ class WatchEvent:
     value: bytes | None
     revision: int
     create_revision: int = 0  # of the key (0 for a delete)
+    lease: int = 0  # the key's lease (0 for a delete, or no lease)
+
+
+# Called with each event of one watched key, or once with the error that ended
+# the watch: RevisionCompacted (this key only) or the stream's end (every watch).
+KeyCallback = Callable[[WatchEvent | Exception], None]
+
+
+def _as_etcd_error(error: BaseException) -> Exception:
+    """What aetcd's own calls would raise for ``error`` (its watcher hands them out raw)."""
+    try:
+        aetcd.exceptions._handle_exception(error)
+    except Exception as converted:
+        return converted
+    return RuntimeError(str(error))  # pragma: no cover (_handle_exception always raises)
+
+
+def _watch_event(event: Any) -> WatchEvent:
+    deleted = event.kind == aetcd.rtypes.EventKind.DELETE
+    return WatchEvent(
+        key=event.kv.key,
+        value=None if deleted else event.kv.value,
+        revision=event.kv.mod_revision,
+        create_revision=0 if deleted else event.kv.create_revision,
+        lease=0 if deleted else event.kv.lease,
+    )
 
 
 class Etcd:
@@ -151,11 +180,21 @@ class Etcd:
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
+    async def close(self, within: float = 0.5) -> None:
+        """Close the channel; never longer than ``within`` (a stopping agent must not hang).
+
+        aetcd's close first shuts its watcher down, which queues a request for
+        the watch stream: with etcd frozen, nothing reads that queue.
+        """
         try:
-            await self.client.close()
+            async with asyncio.timeout(within):
+                await self.client.close()
         except Exception:  # closing a broken channel must not mask the real error
             log.debug("etcd close failed", exc_info=True)
+            channel = self.client.channel
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await channel.close()  # cancels every call and stream at once
 
     async def _call(self, call: Callable[[], Awaitable[Any]], deadline: float | None = None) -> Any:
         """``call()`` within ``deadline``; once more after renewing a rejected auth token."""
@@ -223,6 +262,11 @@ class Etcd:
         ]
         return result.header.revision, items
 
+    async def revision(self) -> int:
+        """etcd's current store revision (one range request that matches no key)."""
+        result = await self._call(lambda: self.client.get_prefix(b"\0"))
+        return int(result.header.revision)
+
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         result = await self._call(
             lambda: self.client.put(key.encode(), value, lease=lease), self.write_timeout
@@ -268,6 +312,11 @@ class Etcd:
         reply = await self._call(lambda: self.client.refresh_lease(lease_id), self.write_timeout)
         return int(reply.TTL) if reply is not None else 0
 
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Seconds left on a lease (LeaseTimeToLive, without its keys); -1 if it is gone."""
+        reply = await self._call(lambda: self.client.get_lease_info(lease_id, keys=False))
+        return int(reply.TTL)
+
     async def revoke(self, lease_id: int) -> None:
         await self._call(lambda: self.client.revoke_lease(lease_id))
 
@@ -291,18 +340,63 @@ class Etcd:
             on_created()
         try:
             async for event in watch:
-                deleted = event.kind == aetcd.rtypes.EventKind.DELETE
-                yield WatchEvent(
-                    key=event.kv.key,
-                    value=None if deleted else event.kv.value,
-                    revision=event.kv.mod_revision,
-                    create_revision=0 if deleted else event.kv.create_revision,
-                )
+                yield _watch_event(event)
         finally:
             # The stream may already be dead; cancelling is best effort.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await watch.cancel()
+
+    async def watch_key(self, key: str, start_revision: int, on_event: KeyCallback) -> int:
+        """Watch one key from ``start_revision`` on; the watch id, for :meth:`cancel_watch`.
+
+        All such watches share the client's one watch stream. ``on_event`` runs
+        in the stream's task: it must not block. It receives each event, or the
+        error that ended the watch: :data:`RevisionCompacted` (this key's start
+        revision is gone) or an :data:`EtcdError` when the stream broke, which
+        ends every watch on it. A watch that etcd does not confirm within the
+        call deadline raises :data:`EtcdError`, and the stream is reset, so that
+        a late confirmation cannot be taken for the next watch's.
+        """
+
+        async def deliver(item: Any) -> None:
+            if item is None:
+                return  # our own close (aetcd's watcher shut down): nothing to report
+            if isinstance(item, BaseException):
+                on_event(_as_etcd_error(item))
+            else:
+                on_event(_watch_event(item))
+
+        async def create() -> int:
+            await self.client.connect()
+            try:
+                callback = await self.client._watcher.add_callback(
+                    key.encode(), deliver, start_revision=start_revision
+                )
+            except aetcd.exceptions.ClientError:
+                raise
+            except Exception as error:  # the raw gRPC error of a broken stream
+                raise _as_etcd_error(error) from None
+            return int(callback.watch_id)
+
+        try:
+            return int(await self._call(create))
+        except aetcd.exceptions.ConnectionTimeoutError as error:
+            await self._reset_watch_stream(error)
+            raise
+
+    async def cancel_watch(self, watch_id: int) -> None:
+        """Stop one watch of :meth:`watch_key` (nothing if the stream is gone already)."""
+        watcher = self.client._watcher
+        if watcher is not None:
+            await self._call(lambda: watcher.cancel(watch_id))
+
+    async def _reset_watch_stream(self, error: Exception) -> None:
+        watcher = self.client._watcher
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await watcher._terminate_stream(error)
 
 
 def _channel_credentials(settings: CommonSettings) -> grpc.ChannelCredentials:
@@ -370,12 +464,19 @@ class LeaseKeeper:
         self.on_error = on_error or (lambda _e: None)
         self.lease_id: int | None = None
         self.last_refresh = 0.0
+        # Why the last grant or refresh failed; "" once etcd answered again.
+        self.error = ""
         self._lost = asyncio.Event()
         self._quiet = OnceEvery(30.0)
 
     @property
     def interval(self) -> float:
         return max(self.ttl / 3, 0.5)
+
+    @property
+    def lost(self) -> bool:
+        """The lease is known to be gone; a new one is being granted."""
+        return self._lost.is_set()
 
     def mark_lost(self) -> None:
         """Called by the owner when a put says ``lease not found``."""
@@ -432,11 +533,13 @@ class LeaseKeeper:
             self.last_refresh = time.monotonic()
 
     def _report(self, what: str, exc: BaseException) -> None:
+        self.error = f"{what}: {describe(exc)}"
         self.on_error(exc)
         if self._quiet.should_log("refresh"):
             log.warning(what + ", retrying", error=describe(exc))
 
     def _recovered(self) -> None:
+        self.error = ""
         held = self._quiet.clear("refresh")
         if held:
             log.info("etcd reachable again", retries=held + 1)

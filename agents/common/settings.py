@@ -439,3 +439,42 @@ def _check_account(value: str, kind: str, exists: Callable[[str], bool]) -> str:
     if not exists(value):
         raise ValueError(f"no {kind} {value!r} on this host (or 'none')")
     return value
+
+
+class CatalogSettings(CommonSettings):
+    # Several environments: ``--prefix`` given more than once, or commas.
+    prefix: str = Field(
+        "/pilotfish",
+        description="etcd key prefix; several environments: repeat --prefix or separate by commas",
+        json_schema_extra={"repeatable": True},
+    )
+    address: str = Field(
+        "127.0.0.1:9103",
+        description="host:port of the web UI, the JSON API, /healthz and /metrics",
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        prefixes = []
+        for raw in value.split(","):
+            item = raw.strip().rstrip("/") or raw.strip()
+            if not re.fullmatch(PREFIX_PATTERN, item):
+                raise ValueError(f"must look like /name or /a/b, got {item!r}")
+            if item not in prefixes:
+                prefixes.append(item)
+        return ",".join(prefixes)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port")
+        if host:
+            ipaddress.ip_address(host.strip("[]"))
+        return value
+
+    @property
+    def prefixes(self) -> list[str]:
+        return self.prefix.split(",")

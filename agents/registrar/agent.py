@@ -83,6 +83,11 @@ class Metrics:
         self.refusals = Counter(
             f"{ns}_refusals", "Labels or variables refused", registry=self.registry
         )
+        self.restored = Counter(
+            f"{ns}_keys_restored",
+            "Keys put back after they were deleted or changed in etcd behind our back",
+            registry=self.registry,
+        )
         self.quarantined = Counter(
             f"{ns}_quarantined_keys",
             "Registrations etcd refused for good (not retried until they change)",
@@ -241,10 +246,15 @@ class Registrar:
 
     def health(self) -> tuple[bool, dict[str, object]]:
         keeper = self.sink.keeper
-        lease_fresh = (
-            keeper.lease_id is not None and time.monotonic() - keeper.last_refresh < keeper.ttl
+        problem = etcd_problem(
+            lease_id=keeper.lease_id,
+            lease_age=time.monotonic() - keeper.last_refresh,
+            ttl=keeper.ttl,
+            lease_error=keeper.error,
+            write_error=self.sink.last_error if self.sink.failing else "",
+            watch_error=self.sink.watches.error,
         )
-        etcd_ok = lease_fresh and not self.sink.failing
+        etcd_ok = not problem
         details: dict[str, object] = {
             "host_id": self.settings.host_id,
             "docker": {
@@ -255,7 +265,9 @@ class Registrar:
             "etcd": {
                 "ok": etcd_ok,
                 "lease": keeper.lease_id,
-                "error": self.sink.last_error,
+                "error": problem,
+                "watched_keys": self.sink.watches.watched,
+                "restored_keys": self.sink.restored_total,
             },
             "registrations": len(self.sink.desired),
             "pending_writes": self.sink.backlog,
@@ -283,6 +295,31 @@ class Registrar:
         return entries
 
 
+def etcd_problem(
+    *,
+    lease_id: int | None,
+    lease_age: float,
+    ttl: float,
+    lease_error: str,
+    write_error: str,
+    watch_error: str,
+) -> str:
+    """What is wrong between this registrar and etcd right now; "" if nothing.
+
+    Any failed call says so at once (a lease refresh that failed or hung past
+    its deadline, a write, the key watches' stream), not a TTL later: the
+    lease may still be alive, but etcd does not answer.
+    """
+    if lease_id is None:
+        return lease_error or "no lease granted yet"
+    for error in (lease_error, write_error, watch_error):
+        if error:
+            return error
+    if lease_age >= ttl:
+        return f"lease not refreshed for {lease_age:.1f}s (TTL {ttl:g}s)"
+    return ""
+
+
 def _refusal_order(refusal: Refusal) -> tuple[str, str]:
     return refusal.label, refusal.reason
 
@@ -303,6 +340,7 @@ def _hooks(metrics: Metrics) -> SinkHooks:
         on_new_lease=on_new_lease,
         on_recovered=lambda: metrics.reconnects.labels("etcd").inc(),
         on_quarantined=lambda _key: metrics.quarantined.inc(),
+        on_restored=lambda _key: metrics.restored.inc(),
     )
 
 
@@ -389,9 +427,14 @@ async def _until_stopped(stop: asyncio.Event, *loops: Coroutine[Any, Any, None])
         await asyncio.gather(stopper, *tasks, return_exceptions=True)
 
 
+# The lease revoke on exit (--deregister-on-exit) gets this long: one RPC of a
+# few ms when etcd answers; the lease expires by itself within the TTL if not.
+DEREGISTER_WITHIN = 0.7
+
+
 async def _deregister(sink: EtcdSink) -> None:
     try:
-        async with asyncio.timeout(1.0):
+        async with asyncio.timeout(DEREGISTER_WITHIN):
             await sink.deregister()
         log.info("lease revoked: this host's registrations are gone")
     except Exception as error:  # the lease expires by itself within the TTL anyway

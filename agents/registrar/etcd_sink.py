@@ -17,11 +17,18 @@ over, from the desired state or from the value found in etcd.
 A key etcd refuses for good (too large, …) is quarantined: dropped from the
 writes, named in the log and in ``quarantined``, retried only when its value
 changes. It never holds up the other keys nor makes the sink "failing".
+
+Every key written is watched (agents.registrar.key_watch): a change this sink
+did not make (``etcdctl del --prefix``, a restore, another writer) puts the
+key back within milliseconds, with one log line per incident and
+``on_restored`` per key. Which events are our own writes is decided in
+agents.registrar.ownership, from the revision etcd gave each put.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +38,7 @@ from agents.common.etcd import (
     Etcd,
     EtcdError,
     LeaseKeeper,
+    WatchEvent,
     is_lease_not_found,
     is_refused_for_good,
 )
@@ -42,9 +50,16 @@ from agents.common.schema import (
     parse_entry,
     services_prefix,
 )
+from agents.registrar.key_watch import KeyWatches
 from agents.registrar.model import Plan, owned_by, reconcile
+from agents.registrar.ownership import Change, Ownership
 
 log = get_logger("pilotfish.sink")
+
+# One log line per incident of keys put back: written once no key was put back
+# for this long (or this long after the first, at most).
+RESTORED_QUIET = 0.5
+RESTORED_LOG_AT_MOST = 5.0
 
 
 @dataclass
@@ -56,6 +71,7 @@ class SinkHooks:
     on_new_lease: Callable[[int], None] = lambda _lease: None
     on_recovered: Callable[[], None] = lambda: None
     on_quarantined: Callable[[str], None] = lambda _key: None
+    on_restored: Callable[[str], None] = lambda _key: None
 
 
 @dataclass
@@ -104,6 +120,20 @@ class EtcdSink:
         self.last_error = ""
         self.failing = False
         self.synced = asyncio.Event()  # the first full reconcile with etcd is done
+        self.ownership = Ownership()
+        self.watches = KeyWatches(
+            etcd,
+            start_of=self.ownership.watch_from,
+            on_event=self._on_key_event,
+            on_compacted=self._on_compacted,
+            on_error=self.hooks.on_error,
+            after_break=self._check_history,
+        )
+        self._restoring: dict[str, Change] = {}  # keys to put back, and why
+        self._restored: collections.Counter[str] = collections.Counter()
+        self._restored_first = self._restored_last = 0.0
+        self._restored_log: asyncio.TimerHandle | None = None
+        self.restored_total = 0
 
     # --- the desired state (synchronous: never waits for etcd) ---------------------
 
@@ -178,6 +208,7 @@ class EtcdSink:
         tasks = [
             asyncio.create_task(self.keeper.run(), name="lease-keeper"),
             asyncio.create_task(self._flush_forever(), name="etcd-flusher"),
+            asyncio.create_task(self.watches.run(), name="key-watches"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -187,6 +218,9 @@ class EtcdSink:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._restored_log is not None:
+                self._restored_log.cancel()
+                self._log_restored()
 
     async def _new_lease(self, lease_id: int) -> None:
         # Everything written on the old lease is gone or going: list and
@@ -219,13 +253,15 @@ class EtcdSink:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._loaded or self.lease is None:
-                continue
+            if not self._loaded or self.lease is None or self.keeper.lost:
+                continue  # _new_lease wakes us
             try:
                 if self._need_full_sync:
                     await self._full_sync()
                 await self._flush()
             except Exception as error:  # a bug must not end the agent: retry
+                if is_lease_not_found(error) and self.keeper.lost:
+                    continue  # not etcd failing: the keeper grants another lease
                 self._failed(error)
                 await backoff.wait()
                 self._wake.set()
@@ -237,16 +273,23 @@ class EtcdSink:
         lease = self.lease
         _revision, items = await self.etcd.get_prefix(services_prefix(self.prefix))
         found: dict[str, Instance | bytes | None] = {}
+        revisions: dict[str, tuple[bytes, int]] = {}
         for item in items:
             key = item.key.decode(errors="replace")
             if owned_by(self.prefix, key, self.host_id):
                 found[key] = item.value if item.lease == lease else None
+                revisions[key] = item.value, item.mod_revision
                 self._adopt_registered_at(key, item.value)
         plan = reconcile(self.desired, found, self.prefix, self.host_id)
         # Keys that already hold the desired value on this lease need no
-        # write; every other key found is to be rewritten (None) or deleted.
+        # write (they are guarded as they are); every other key found is to
+        # be rewritten (None) or deleted.
         matching = set(found) - set(plan.puts) - set(plan.deletes)
         self.written = {k: self.desired[k] if k in matching else None for k in found}
+        for key in matching:
+            value, revision = revisions[key]
+            self.ownership.adopt(key, value, lease or 0, revision)
+            self.watches.watch(key)
         self._pending.mark([*plan.puts, *plan.deletes], time.time_ns())
         self._need_full_sync = False
         log.info(
@@ -283,20 +326,33 @@ class EtcdSink:
                 instance = self.desired.get(key)
                 if instance is None:
                     return
+                value = instance.to_json()
+                self.ownership.sending(key, value, lease or 0)
                 try:
-                    await self.etcd.put(key, instance.to_json(), lease=lease)
-                except EtcdError as error:
-                    if is_lease_not_found(error):
-                        self.keeper.mark_lost()
-                    elif is_refused_for_good(error):
-                        self._quarantine(key, describe(error))
-                        return
+                    revision = await self.etcd.put(key, value, lease=lease)
+                except BaseException as error:
+                    self.ownership.unsent(key)
+                    if isinstance(error, EtcdError):
+                        if is_lease_not_found(error):
+                            if lease == self.keeper.lease_id:  # not replaced already
+                                self.keeper.mark_lost()
+                        elif is_refused_for_good(error):
+                            self._quarantine(key, describe(error))
+                            return
                     raise
+            late = self.ownership.sent(key, revision)
             self.written[key] = instance
             self._done(key, instance)
+            self._count_restored(key)
+            self.watches.watch(key)
+            if late is not None:  # changed behind our back while we wrote it
+                self._restore(key, late)
 
         async def delete(key: str) -> None:
             async with limit:
+                self.ownership.release(key)  # our own delete is no foreign change
+                self.watches.unwatch(key)
+                self._restoring.pop(key, None)
                 await self.etcd.delete(key)
             self.written.pop(key, None)
             self._done(key, None)
@@ -309,6 +365,75 @@ class EtcdSink:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    # --- keys changed behind our back ----------------------------------------------------
+
+    def _on_key_event(self, key: str, event: WatchEvent) -> None:
+        change = self.ownership.judge(key, event.revision, event.value, event.lease)
+        if change is not None:
+            self._restore(key, change)
+
+    async def _check_history(self) -> None:
+        """After the watch stream broke: did etcd's history go back (a restore from a
+        backup)? Then revisions no longer tell our writes apart: reconcile every key."""
+        newest = self.ownership.newest()
+        now = await self.etcd.revision()
+        if now >= newest:
+            return  # watches resume from each key's revision: the replay tells the rest
+        log.warning(
+            "etcd's revision went back (restored from a backup?): reconciling every key",
+            revision=now,
+            ours=newest,
+        )
+        self.ownership.clear()  # the full sync adopts or re-puts, and watches again
+        self._need_full_sync = True
+        self._wake.set()
+
+    def _on_compacted(self, key: str) -> None:
+        change = self.ownership.compacted(key)
+        if change is not None:
+            self._restore(key, change)
+
+    def _restore(self, key: str, change: Change) -> None:
+        """Put ``key`` back: etcd no longer holds what we wrote there."""
+        if key not in self.desired or key in self.quarantined:
+            return  # withdrawn meanwhile: its delete is pending anyway
+        if change is Change.DELETED:
+            self.written.pop(key, None)
+        else:
+            self.written[key] = None  # present, to be rewritten
+        self._restoring.setdefault(key, change)
+        self._pending.mark([key], time.time_ns())
+        self._wake.set()
+
+    def _count_restored(self, key: str) -> None:
+        change = self._restoring.pop(key, None)
+        if change is None:
+            return
+        self.restored_total += 1
+        self.hooks.on_restored(key)
+        self._restored[change.value] += 1
+        now = self._restored_last = time.monotonic()
+        if self._restored_log is None:
+            self._restored_first = now
+        else:
+            self._restored_log.cancel()
+        delay = min(RESTORED_QUIET, self._restored_first + RESTORED_LOG_AT_MOST - now)
+        self._restored_log = asyncio.get_running_loop().call_later(
+            max(delay, 0.0), self._log_restored
+        )
+
+    def _log_restored(self) -> None:
+        self._restored_log = None
+        counts, self._restored = self._restored, collections.Counter()
+        if not counts:
+            return
+        log.warning(
+            "registrations deleted or changed in etcd behind this registrar's back were put back",
+            keys=sum(counts.values()),
+            **{change: count for change, count in sorted(counts.items())},
+            over_seconds=round(self._restored_last - self._restored_first, 3),
+        )
 
     def _quarantine(self, key: str, reason: str) -> None:
         self.quarantined[key] = reason

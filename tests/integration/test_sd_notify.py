@@ -1,6 +1,6 @@
-"""Both agents speak systemd's notify protocol (``Type=notify`` + ``WatchdogSec``).
+"""The agents speak systemd's notify protocol (``Type=notify`` + ``WatchdogSec``).
 
-Each agent runs as a real process (``python -m agents register|discover``)
+Each agent runs as a real process (``python -m agents register|discover|catalog``)
 against the session's real etcd and dockerd (the discoverer with a real
 HAProxy), with ``NOTIFY_SOCKET`` pointing at a datagram socket this test
 reads, the way systemd runs the units in systemd/. It must send ``READY=1``
@@ -154,6 +154,20 @@ def test_discoverer_notifies_ready_and_watchdog(etcd: Any, notify_dir: Path) -> 
             "--admin-address=127.0.0.1:0",
             "--stats-address=off",
             "--stop-haproxy-on-exit",
+        ],
+        notify_dir,
+    )
+
+
+def test_catalog_notifies_ready_and_watchdog(etcd: Any, notify_dir: Path) -> None:
+    prefix = f"/sd-{uuid.uuid4().hex[:8]}"
+    _check_notify(
+        [
+            "catalog",
+            f"--etcd-host={etcd.endpoint}",
+            f"--prefix={prefix}",
+            f"--prefix={prefix}-b",
+            "--address=127.0.0.1:0",
         ],
         notify_dir,
     )

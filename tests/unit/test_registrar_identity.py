@@ -107,7 +107,7 @@ async def test_nothing_is_written_on_a_lease_before_its_claim() -> None:
         fake.expire(first)  # a lost lease: the claim is made again on the new one
         sink.keeper.mark_lost()
         await until(lambda: len(claimed) == 2 and claimed[1] != first)
-        await until(lambda: fake.kv[instance_key(PREFIX, a)][1] == claimed[1])
+        await until(lambda: fake.kv.get(instance_key(PREFIX, a), (b"", 0))[1] == claimed[1])
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,4 +1,5 @@
-"""The etcd sink against an in-memory etcd: reconcile on a new lease, retries, no churn."""
+"""The etcd sink against an in-memory etcd: reconcile on a new lease, retries, no churn,
+keys put back when they change behind its back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, cast
 import aetcd.exceptions
 import pytest
 
-from agents.common.etcd import Etcd, KeyValue
+from agents.common.etcd import Etcd, KeyCallback, KeyValue, WatchEvent
 from agents.common.schema import Instance, instance_key
 from agents.registrar.etcd_sink import EtcdSink
 
@@ -18,7 +19,8 @@ PREFIX = "/pf"
 
 
 class FakeEtcd:
-    """Just enough of :class:`Etcd`: keys with leases, and switchable failures."""
+    """Just enough of :class:`Etcd`: keys with leases, revisions and key watches,
+    and switchable failures."""
 
     def __init__(self) -> None:
         self.kv: dict[str, tuple[bytes, int]] = {}
@@ -27,6 +29,54 @@ class FakeEtcd:
         self.next_lease = 100
         self.down = False
         self.request_count = 0
+        self.rev = 1  # the store revision
+        self.mod: dict[str, int] = {}
+        self.history: list[WatchEvent] = []
+        self.watches: dict[int, tuple[str, KeyCallback]] = {}
+        self.next_watch = 1
+
+    def _changed(self, key: str, value: bytes | None, lease: int = 0) -> int:
+        """Record a change (the caller already changed ``kv``) and tell the key's watches."""
+        self.rev += 1
+        self.mod[key] = self.rev
+        event = WatchEvent(key.encode(), value, self.rev, lease=lease)
+        self.history.append(event)
+        for watched, callback in list(self.watches.values()):
+            if watched == key:
+                callback(event)
+        return self.rev
+
+    def foreign_put(self, key: str, value: bytes, lease: int = 0) -> None:
+        """Another writer (an operator, a restore) puts ``key``."""
+        self.kv[key] = (value, lease)
+        self._changed(key, value, lease)
+
+    def foreign_delete(self, key: str) -> None:
+        if self.kv.pop(key, None) is not None:
+            self._changed(key, None)
+
+    def break_watches(self) -> None:
+        """The watch stream breaks (etcd went away): every watch ends."""
+        watches, self.watches = self.watches, {}
+        for _key, callback in watches.values():
+            callback(aetcd.exceptions.ConnectionFailedError("stream broke"))
+
+    async def watch_key(self, key: str, start_revision: int, on_event: KeyCallback) -> int:
+        self._call()
+        watch_id, self.next_watch = self.next_watch, self.next_watch + 1
+        self.watches[watch_id] = (key, on_event)
+        for event in self.history:
+            if event.key == key.encode() and event.revision >= start_revision:
+                on_event(event)
+        return watch_id
+
+    async def revision(self) -> int:
+        self._call()
+        return self.rev
+
+    async def cancel_watch(self, watch_id: int) -> None:
+        self._call()
+        self.watches.pop(watch_id, None)
 
     def _call(self) -> None:
         self.request_count += 1
@@ -36,11 +86,11 @@ class FakeEtcd:
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         self._call()
         items = [
-            KeyValue(k.encode(), v, lease, 1)
+            KeyValue(k.encode(), v, lease, self.mod.get(k, 1))
             for k, (v, lease) in self.kv.items()
             if k.startswith(prefix)
         ]
-        return 1, items
+        return self.rev, items
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         self._call()
@@ -48,12 +98,15 @@ class FakeEtcd:
             raise aetcd.exceptions.ClientError("etcdserver: requested lease not found")
         self.kv[key] = (value, lease or 0)
         self.log.append(("put", key))
-        return 1
+        return self._changed(key, value, lease or 0)
 
     async def delete(self, key: str) -> bool:
         self._call()
         self.log.append(("delete", key))
-        return self.kv.pop(key, None) is not None
+        if self.kv.pop(key, None) is None:
+            return False
+        self._changed(key, None)
+        return True
 
     async def grant(self, ttl: int) -> int:
         self._call()
@@ -73,6 +126,7 @@ class FakeEtcd:
         self.leases.pop(lease_id, None)
         for key in [k for k, (_, lease) in self.kv.items() if lease == lease_id]:
             del self.kv[key]
+            self._changed(key, None)
 
 
 def make(port: int, host: str = "h1", cid: str = "ab" * 32) -> Instance:
