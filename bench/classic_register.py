@@ -8,7 +8,7 @@ of ``--ttl`` seconds, which expires exactly like per-key TTLs written at that
 tick (etcd v3 has no per-key TTL).
 
 What is registered (service name, address, labels) is the same pure function
-the registrar uses (agents.registrar.model), so the two systems route the
+the registrar uses (agents.registrar.labels), so the two systems route the
 same containers and only the mechanism differs.
 
     .venv/bin/python bench/classic_register.py --docker-host unix:///... \
@@ -35,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.common.etcd import Etcd, EtcdError
 from agents.common.schema import Instance, instance_key
 from agents.common.settings import CommonSettings
-from agents.registrar.model import container_from_inspect, desired_instances
+from agents.registrar.container import container_from_inspect
+from agents.registrar.labels import desired_instances
 
 
 @dataclass(frozen=True)
 class Options:
-    """What agents.registrar.model.desired_instances needs to know about this host."""
+    """What agents.registrar.labels.desired_instances needs to know about this host."""
 
     host_ip: str
     host_id: str

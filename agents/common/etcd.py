@@ -5,8 +5,6 @@
   of every call and watch hanging silently (etcd refuses pings more often
   than every 5 s);
 - a deadline on every unary call;
-- a lease keep-alive loop at TTL/3 that notices an expired lease (a refresh of
-  an expired lease returns TTL 0, it does not raise) and replaces it;
 - a watch that reports the revision of every event, so callers can resume;
 - watches of single keys, any number of them multiplexed on the client's one
   watch stream (aetcd keeps one gRPC stream and tells events apart by watch
@@ -19,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +31,7 @@ import aetcd.exceptions
 import aetcd.watcher
 import grpc
 
-from agents.common.backoff import Backoff
-from agents.common.logging import OnceEvery, describe, get_logger
+from agents.common.logging import get_logger
 from agents.common.settings import CommonSettings, is_ipv6
 
 log = get_logger("pilotfish.etcd")
@@ -441,110 +437,3 @@ class _Client(aetcd.Client):  # type: ignore[misc]
             aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()
-
-
-class LeaseKeeper:
-    """One lease for the life of an agent, kept alive at TTL/3.
-
-    If the lease is lost (expired while etcd or this process was away), a new
-    one is granted and ``on_new_lease`` is awaited, so the owner can re-put
-    every key on it.
-    """
-
-    def __init__(
-        self,
-        etcd: Etcd,
-        ttl: int,
-        on_new_lease: Callable[[int], Awaitable[None]],
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        self.etcd = etcd
-        self.ttl = ttl
-        self.on_new_lease = on_new_lease
-        self.on_error = on_error or (lambda _e: None)
-        self.lease_id: int | None = None
-        self.last_refresh = 0.0
-        # Why the last grant or refresh failed; "" once etcd answered again.
-        self.error = ""
-        self._lost = asyncio.Event()
-        self._quiet = OnceEvery(30.0)
-
-    @property
-    def interval(self) -> float:
-        return max(self.ttl / 3, 0.5)
-
-    @property
-    def lost(self) -> bool:
-        """The lease is known to be gone; a new one is being granted."""
-        return self._lost.is_set()
-
-    def mark_lost(self) -> None:
-        """Called by the owner when a put says ``lease not found``."""
-        self._lost.set()
-
-    async def acquire(self) -> int:
-        """Grant a fresh lease (retrying until etcd answers) and announce it."""
-        backoff = Backoff(initial=0.1, maximum=2.0)
-        while True:
-            try:
-                self.lease_id = await self.etcd.grant(self.ttl)
-                break
-            except EtcdError as exc:
-                self._report("lease grant failed", exc)
-                await backoff.wait()
-        self._recovered()
-        self.last_refresh = time.monotonic()
-        self._lost.clear()
-        log.info("lease granted", lease=hex(self.lease_id), ttl=self.ttl)
-        await self.on_new_lease(self.lease_id)
-        return self.lease_id
-
-    async def run(self) -> None:
-        if self.lease_id is None:
-            await self.acquire()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._next_wait()):
-                    await self._lost.wait()
-            if self._lost.is_set():
-                log.warning("lease lost, granting a new one", lease=hex(self.lease_id or 0))
-                await self.acquire()
-                continue
-            await self._refresh_once()
-
-    def _next_wait(self) -> float:
-        # After a failure, retry sooner than TTL/3 so a short outage does not
-        # let the lease expire.
-        if self._quiet.active("refresh"):
-            return min(self.interval, 0.5)
-        return self.interval
-
-    async def _refresh_once(self) -> None:
-        assert self.lease_id is not None
-        try:
-            remaining = await self.etcd.refresh(self.lease_id)
-        except EtcdError as exc:
-            self._report("lease refresh failed", exc)
-            return
-        self._recovered()
-        if remaining <= 0:
-            self._lost.set()
-        else:
-            self.last_refresh = time.monotonic()
-
-    def _report(self, what: str, exc: BaseException) -> None:
-        self.error = f"{what}: {describe(exc)}"
-        self.on_error(exc)
-        if self._quiet.should_log("refresh"):
-            log.warning(what + ", retrying", error=describe(exc))
-
-    def _recovered(self) -> None:
-        self.error = ""
-        held = self._quiet.clear("refresh")
-        if held:
-            log.info("etcd reachable again", retries=held + 1)
-
-    async def revoke(self) -> None:
-        if self.lease_id is not None:
-            await self.etcd.revoke(self.lease_id)
-            self.lease_id = None

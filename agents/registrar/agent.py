@@ -29,6 +29,7 @@ from agents.common.etcd import Etcd
 from agents.common.logging import describe, get_logger
 from agents.common.settings import RegistrarSettings
 from agents.common.systemd import notify, watchdog_loop
+from agents.registrar.container import ContainerInfo
 from agents.registrar.docker_source import (
     INSPECT,
     ContainerEvent,
@@ -39,7 +40,7 @@ from agents.registrar.docker_source import (
 from agents.registrar.etcd_sink import EtcdSink, SinkHooks
 from agents.registrar.host_claim import HostClaim
 from agents.registrar.identity import Engine, Holder, default_host_id
-from agents.registrar.model import ContainerInfo, Refusal, desired_instances, draining
+from agents.registrar.labels import Refusal, desired_instances, draining
 
 log = get_logger("pilotfish.registrar")
 

@@ -32,8 +32,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from agents.common.backoff import Backoff
 from agents.common.logging import OnceEvery, describe, get_logger
+from agents.registrar.container import ContainerInfo, container_from_inspect
 from agents.registrar.identity import Engine
-from agents.registrar.model import ContainerInfo, container_from_inspect
 
 log = get_logger("pilotfish.docker")
 

@@ -37,7 +37,6 @@ from agents.common.backoff import Backoff
 from agents.common.etcd import (
     Etcd,
     EtcdError,
-    LeaseKeeper,
     WatchEvent,
     is_lease_not_found,
     is_refused_for_good,
@@ -51,8 +50,9 @@ from agents.common.schema import (
     services_prefix,
 )
 from agents.registrar.key_watch import KeyWatches
-from agents.registrar.model import Plan, owned_by, reconcile
+from agents.registrar.lease import LeaseKeeper
 from agents.registrar.ownership import Change, Ownership
+from agents.registrar.reconcile import WritePlan, owned_by, reconcile
 
 log = get_logger("pilotfish.sink")
 
@@ -315,7 +315,7 @@ class EtcdSink:
             self._round.set()
             self._round = asyncio.Event()
 
-    async def _write(self, plan: Plan) -> None:
+    async def _write(self, plan: WritePlan) -> None:
         limit = asyncio.Semaphore(self.concurrency)
         lease = self.lease
 

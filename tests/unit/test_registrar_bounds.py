@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from agents.common.schema import Instance
 from agents.common.validation import MAX_ATTRIBUTES, MAX_TAGS, MAX_VALUE_BYTES
-from agents.registrar.model import MAX_REFUSALS, container_from_inspect, desired_instances
-from tests.unit.test_registrar_model import NOW, Opts, inspect_doc
+from agents.registrar.container import container_from_inspect
+from agents.registrar.labels import MAX_REFUSALS, desired_instances
+from tests.unit.test_registrar_labels import NOW, Opts, inspect_doc
 
 
 def registered(labels: dict[str, str]) -> tuple[list[Instance], list[tuple[str, str, str]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from agents.common.schema import Instance, instance_key
-from agents.registrar.model import draining
+from agents.registrar.labels import draining
 from tests.unit.test_registrar_sink import PREFIX, FakeEtcd, make, running, until
 
 

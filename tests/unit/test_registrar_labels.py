@@ -9,14 +9,9 @@ from typing import Any
 import pytest
 
 from agents.common.schema import Instance, instance_key
-from agents.registrar.model import (
-    ContainerInfo,
-    container_from_inspect,
-    desired_instances,
-    draining,
-    image_service_name,
-    reconcile,
-)
+from agents.registrar.container import ContainerInfo, container_from_inspect
+from agents.registrar.labels import desired_instances, draining, image_service_name
+from agents.registrar.reconcile import reconcile
 
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 CID = "a1b2c3d4e5f6" + "0" * 52

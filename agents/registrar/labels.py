@@ -1,10 +1,5 @@
-"""What this host should have registered, as plain data: the registrar's pure core.
-
-``container_from_inspect`` turns a Docker inspect document into a
-:class:`ContainerInfo`; ``desired_instances`` turns one container into the
-instances it should register (and the labels it refused, with why);
-``reconcile`` turns desired and actual key sets into puts and deletes.
-No I/O here.
+"""What one container should register, and which of its labels are refused:
+the label policy. Pure.
 
 Decisions (documented in the registrar's help and README section):
 
@@ -36,9 +31,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -48,42 +43,13 @@ from agents.common.schema import (
     NAME_PATTERN,
     TAG_PATTERN,
     Instance,
-    SchemaError,
-    parse_entry,
-    parse_key,
 )
 from agents.common.validation import MAX_ATTRIBUTES, MAX_TAGS, MAX_VALUE_BYTES, show
+from agents.registrar.container import ContainerInfo
 
 LABEL = "pilotfish."
-Health = Literal["none", "starting", "healthy", "unhealthy"]
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
-
-
-@dataclass(frozen=True, slots=True)
-class PortBinding:
-    private_port: int
-    protocol: str
-    host_ip: str  # "" when only exposed (not published)
-    host_port: int | None  # None when only exposed
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerInfo:
-    id: str
-    name: str
-    image: str
-    image_id: str
-    labels: dict[str, str] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    state: str = "running"  # Docker's State.Status: running, paused, exited, ...
-    health: Health = "none"
-    ports: tuple[PortBinding, ...] = ()  # published bindings, then exposed-only ports
-    ips: tuple[str, ...] = ()
-
-    @property
-    def has_healthcheck(self) -> bool:
-        return self.health != "none"
 
 
 class Options(Protocol):
@@ -108,92 +74,6 @@ class Refusal:
     label: str
     reason: str
     skipped: str  # "container", "port 8080", "tag", "attribute"
-
-
-# --- from Docker's inspect document --------------------------------------------------
-
-
-def container_from_inspect(doc: Mapping[str, Any]) -> ContainerInfo:
-    config = doc.get("Config") or {}
-    state = doc.get("State") or {}
-    network = doc.get("NetworkSettings") or {}
-    return ContainerInfo(
-        id=str(doc.get("Id", "")),
-        name=str(doc.get("Name", "")).lstrip("/"),
-        image=str(config.get("Image") or ""),
-        image_id=str(doc.get("Image") or ""),
-        labels={str(k): str(v) for k, v in (config.get("Labels") or {}).items()},
-        env=_parse_env(config.get("Env") or []),
-        state=_state_of(state),
-        health=_health_of(state),
-        ports=_ports_of(network.get("Ports") or {}, config.get("ExposedPorts") or {}),
-        ips=_ips_of(network),
-    )
-
-
-def _parse_env(items: list[str]) -> dict[str, str]:
-    env = {}
-    for item in items:
-        name, _, value = str(item).partition("=")
-        env[name] = value
-    return env
-
-
-def _state_of(state: Mapping[str, Any]) -> str:
-    if state.get("Paused"):
-        return "paused"
-    return str(state.get("Status") or ("running" if state.get("Running") else "exited"))
-
-
-def _health_of(state: Mapping[str, Any]) -> Health:
-    status = (state.get("Health") or {}).get("Status")
-    if status in ("starting", "healthy", "unhealthy"):
-        return status  # type: ignore[no-any-return]
-    return "none"
-
-
-def _ports_of(published: Mapping[str, Any], exposed: Mapping[str, Any]) -> tuple[PortBinding, ...]:
-    bindings: list[PortBinding] = []
-    seen: set[tuple[int, str]] = set()
-    for spec, hosts in published.items():
-        port, protocol = _split_port_spec(spec)
-        if port is None:
-            continue
-        for host in hosts or []:
-            host_port = str(host.get("HostPort") or "")
-            if host_port.isdigit():
-                bindings.append(
-                    PortBinding(port, protocol, host.get("HostIp") or "", int(host_port))
-                )
-                seen.add((port, protocol))
-    for spec in [*published, *exposed]:
-        port, protocol = _split_port_spec(spec)
-        if port is not None and (port, protocol) not in seen:
-            bindings.append(PortBinding(port, protocol, "", None))
-            seen.add((port, protocol))
-    return tuple(bindings)
-
-
-def _split_port_spec(spec: str) -> tuple[int | None, str]:
-    number, _, protocol = spec.partition("/")
-    if not number.isdigit() or not 0 < int(number) < 65536:
-        return None, ""
-    return int(number), protocol or "tcp"
-
-
-def _ips_of(network: Mapping[str, Any]) -> tuple[str, ...]:
-    ips: list[str] = []
-    if network.get("IPAddress"):
-        ips.append(str(network["IPAddress"]))
-    networks = network.get("Networks") or {}
-    for name in sorted(networks):
-        ip = (networks[name] or {}).get("IPAddress")
-        if ip and ip not in ips:
-            ips.append(str(ip))
-    return tuple(ips)
-
-
-# --- what to register ----------------------------------------------------------------
 
 
 class _Refused(Exception):
@@ -546,53 +426,3 @@ def _parse_bool(label: str, value: str, *, empty: bool = False) -> bool:
 def draining(instances: list[Instance]) -> list[Instance]:
     """The same registrations, marked so consumers stop sending new connections."""
     return [i.model_copy(update={"state": "draining"}) for i in instances]
-
-
-# --- reconcile -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    puts: list[str]
-    deletes: list[str]
-
-
-def reconcile(
-    desired: Mapping[str, Instance],
-    actual: Mapping[str, Instance | bytes | None],
-    prefix: str,
-    host_id: str,
-) -> Plan:
-    """What to write so etcd holds ``desired`` for this host.
-
-    ``actual`` maps keys found in etcd to their value: an Instance, raw bytes
-    (parsed here), or None for "present but must be rewritten" (on another
-    lease). Keys of other hosts, and keys that are not ours to judge, are
-    never deleted.
-    """
-    puts = [
-        key
-        for key, instance in desired.items()
-        if not _holds(prefix, key, actual.get(key), instance)
-    ]
-    deletes = [key for key in actual if key not in desired and owned_by(prefix, key, host_id)]
-    return Plan(sorted(puts), sorted(deletes))
-
-
-def _holds(prefix: str, key: str, value: Instance | bytes | None, wanted: Instance) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, bytes):
-        try:
-            value = parse_entry(prefix, key, value)
-        except SchemaError:
-            return False
-    return value.same_registration(wanted)
-
-
-def owned_by(prefix: str, key: str, host_id: str) -> bool:
-    """Whether ``key`` is a registration written by ``host_id`` (ownership = host segment)."""
-    try:
-        return parse_key(prefix, key)[1] == host_id
-    except SchemaError:
-        return False
