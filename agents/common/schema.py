@@ -69,8 +69,8 @@ ContainerName = Annotated[str, StringConstraints(pattern=CONTAINER_NAME_PATTERN)
 Image = Annotated[str, StringConstraints(pattern=IMAGE_PATTERN)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Weight = Annotated[int, Field(ge=0, le=256)]
-# One spelling per address, no IPv6 scope text (see validation.ip_literal).
-IpAddress = Annotated[str, AfterValidator(validation.ip_literal)]
+# One spelling per address, no IPv6 scope text, one host (validation.server_address).
+IpAddress = Annotated[str, AfterValidator(validation.server_address)]
 
 
 def _in_utc(value: datetime) -> datetime:

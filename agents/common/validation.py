@@ -98,6 +98,23 @@ def ip_literal(value: Any) -> str:
     return text
 
 
+def server_address(value: Any) -> str:
+    """A backend server's address: an IP literal naming one host.
+
+    An IPv4-mapped IPv6 address is spelled as the IPv4 one (one spelling per
+    address). Unspecified (``0.0.0.0``, ``::``) and multicast addresses are
+    refused: HAProxy connects a server at 0.0.0.0 to the address the client
+    connected to, its own listener.
+    """
+    text = ip_literal(value)
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_unspecified or address.is_multicast:
+        raise Invalid(f"address {show(value)} does not name one host")
+    return str(address)
+
+
 def port(value: Any, what: str = "port") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise Invalid(f"{what} {show(value)} is not a number from 1 to 65535")

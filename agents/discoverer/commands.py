@@ -73,7 +73,7 @@ def _srv(backend: str, server: str) -> str:
 
 
 def _ip(value: str) -> str:
-    return _checked(validation.ip_literal, value)
+    return _checked(validation.server_address, value)
 
 
 def _port(value: int) -> int:

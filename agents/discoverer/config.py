@@ -126,7 +126,7 @@ def _server(server: Server) -> dict[str, Any]:
     weight = _checked(validation.weight, server.weight)
     return {
         "name": _name(server.name),
-        "address": _ip(server.address),
+        "address": _checked(validation.server_address, server.address),
         "port": _port(server.port),
         # See the module docstring: draining = no new connections from the start.
         "weight": weight if server.state == "up" else 0,

@@ -415,7 +415,10 @@ async def test_instance_pointing_at_its_own_listener_is_quarantined(
             await w.put(looping)
             await _sync(w, up, "s1")
             reason = await wait_quarantined(d, instance_key(prefix, looping))
-            assert "own listener" in reason or "itself" in reason, reason
+            # 0.0.0.0 is refused by the schema (HAProxy would connect a server
+            # there to the client's own destination); the others by the catalog.
+            expected = ("does not name one host",) if address == "0.0.0.0" else ("own listener",)
+            assert any(text in reason for text in expected), reason
             began = time.monotonic()
             await request(loop_port, within=3.0)  # a 503 or a refusal, at once
             assert time.monotonic() - began < 2.0, "a request to the looping service hung"

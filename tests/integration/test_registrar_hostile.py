@@ -24,11 +24,11 @@ from registrar_kit import (
     unique,
 )
 
+from agents.common import docker_events
 from agents.common.etcd import Etcd
 from agents.common.schema import Instance, instance_key
 from agents.common.settings import RegistrarSettings
 from agents.common.validation import MAX_TAGS, MAX_VALUE_BYTES
-from agents.common import docker_events
 from agents.registrar.etcd_sink import EtcdSink
 from tests.stack import Etcd as EtcdServer
 

@@ -55,6 +55,10 @@ def _frontends_on(lines: list[str], port: int) -> set[str]:
     return {line.removeprefix(prefix) for line in lines if line.startswith(prefix)}
 
 
-def last_alert(text: str) -> str:
+def main_alert(text: str) -> str:
+    """The alert that says what failed: a bind failure if there is one, else
+    the first alert (the later ones follow from it), else the last line."""
     alerts = [line.strip() for line in text.splitlines() if "ALERT" in line]
-    return (alerts[-1] if alerts else text.strip().splitlines()[-1] if text.strip() else "")[-300:]
+    binds = [line for line in alerts if "cannot bind" in line]
+    lines = text.strip().splitlines()
+    return (binds or alerts or lines[-1:] or [""])[0][-300:]

@@ -26,6 +26,8 @@ MASTER_PROMPT = re.compile(rb"(?:\A|\n)master(?:\[[A-Za-z]+\])?> \Z")
 _READ_LIMIT = 64 * 1024 * 1024
 # HAProxy's CLI closes idle sessions (`stats timeout 2m`): reconnect well before.
 _IDLE_RECONNECT_S = 60.0
+# How long an abandoned connection's pending answers are read off before it is closed.
+_DRAIN_ABANDONED_S = 5.0
 
 
 class HaproxyError(RuntimeError):
@@ -64,13 +66,10 @@ class RuntimeClient:
             try:
                 async with asyncio.timeout(self.timeout):  # not wait_for: see Etcd._call
                     return await self._exchange(lines)
-            except CLI_ERRORS:
-                await self._drop()
-                raise
             except BaseException:
-                # Cancelled mid-exchange: the answers still on their way would
-                # be read by the next command as its own. Close, do not await.
-                self.reset()
+                # Failed or cancelled mid-exchange: the answers still on their
+                # way would be read by the next command as its own.
+                self._abandon()
                 raise
 
     async def read(self, lines: Sequence[str]) -> list[str]:
@@ -106,6 +105,23 @@ class RuntimeClient:
             raw += await self._reader.readuntil(b"> ")
         return raw[: end.start()].decode(errors="replace").strip()
 
+    def _abandon(self) -> None:
+        """Leave this connection without waiting, and let HAProxy end its session.
+
+        HAProxy 2.6 keeps a CLI session whose client closed with commands still
+        pending, forever; ten of them fill the socket's sessions and lock the
+        sink out. So ``quit`` is queued behind the pending commands and their
+        answers are read off in the background (bounded) before closing.
+        """
+        reader, writer, self._reader, self._writer = self._reader, self._writer, None, None
+        if reader is None or writer is None:
+            return
+        with contextlib.suppress(Exception):
+            writer.write(b"quit\n")
+        task = asyncio.get_running_loop().create_task(_drain_and_close(reader, writer))
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)
+
     async def _drop(self) -> None:
         writer, self._reader, self._writer = self._writer, None, None
         if writer is not None:
@@ -122,3 +138,15 @@ class RuntimeClient:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+
+# Connections being read off after an abandoned exchange (see _abandon).
+_ABANDONED: set[asyncio.Task[None]] = set()
+
+
+async def _drain_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_DRAIN_ABANDONED_S):
+            while await reader.read(65536):
+                pass
+    writer.close()

@@ -38,7 +38,7 @@ from agents.discoverer import commands as cmd
 from agents.discoverer.config import refused_services, render_config
 from agents.discoverer.haproxy.master import Master
 from agents.discoverer.haproxy.options import render_options
-from agents.discoverer.haproxy.refusals import bind_error, culprits, last_alert
+from agents.discoverer.haproxy.refusals import bind_error, culprits, main_alert
 from agents.discoverer.haproxy.runtime import ADMIN_PROMPT, CLI_ERRORS, HaproxyError, RuntimeClient
 from agents.discoverer.haproxy.state import parse_sessions, parse_state
 from agents.discoverer.metrics import SinkMetrics, new_metrics
@@ -258,8 +258,12 @@ class HaproxySink:
         log.warning("server refused", backend=backend, server=server, reason=reason)
 
     def _refuse_unbindable(self, new: Catalog) -> None:
-        """Leave out the new listeners whose port another process holds."""
+        """Leave out the new listeners whose port another process holds (not
+        HAProxy: a port passing from one service to another is its own)."""
+        ours = {service.bind_port for service in self._view.values()}
         for service in new.values():
+            if service.bind_port in ours:
+                continue
             error = bind_error(self.options.bind_address, service.bind_port)
             if error is not None:
                 self._refuse_listener(service, error)
@@ -274,7 +278,7 @@ class HaproxySink:
         if not named and not (blame_all_new and new):
             return  # not one service's fault: retried as a whole
         for name in named or new.keys():
-            self._refuse_listener(new[name], f"HAProxy refused it: {last_alert(str(error))}")
+            self._refuse_listener(new[name], f"HAProxy refused it: {main_alert(str(error))}")
 
     # -- sync: view → desired ---------------------------------------------------
 
