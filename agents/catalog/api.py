@@ -109,6 +109,7 @@ class HostOut(_Out):
     host_id: str
     instances: int
     containers: int
+    container_ids: tuple[str, ...] = Field(description="the containers registered from it")
     services: tuple[str, ...]
     claimed: bool = Field(description="a registrar holds <prefix>/hosts/<host-id>")
     lease_alive: bool

@@ -204,13 +204,14 @@ class CatalogServer:
         counts = index.host_counts()
         rows = []
         for host in sorted(set(counts) | set(claims)):
-            instances, containers, services = counts.get(host, (0, 0, ()))
+            instances, containers, services = counts.get(host, (0, (), ()))
             claim = claims.get(host)
             rows.append(
                 HostOut(
                     host_id=host,
                     instances=instances,
-                    containers=containers,
+                    containers=len(containers),
+                    container_ids=containers,
                     services=services,
                     claimed=claim is not None,
                     lease_alive=bool(claim and claim.lease_alive),

@@ -193,8 +193,8 @@ class ServiceIndex:
             Refused(key=key, reason=reason) for key, reason in sorted(self.refused.items())[:limit]
         ]
 
-    def host_counts(self) -> dict[str, tuple[int, int, tuple[str, ...]]]:
-        """host id -> (instances, containers, services)."""
+    def host_counts(self) -> dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]]:
+        """host id -> (instances, container ids, services)."""
         found: dict[str, tuple[set[str], set[str], list[int]]] = {}
         for instance in self.instances.values():
             containers, services, count = found.setdefault(instance.host_id, (set(), set(), [0]))
@@ -202,6 +202,6 @@ class ServiceIndex:
             services.add(instance.service)
             count[0] += 1
         return {
-            host: (count[0], len(containers), tuple(sorted(services)))
+            host: (count[0], tuple(sorted(containers)), tuple(sorted(services)))
             for host, (containers, services, count) in found.items()
         }

@@ -177,7 +177,7 @@ async def test_hosts_show_the_registrars_claim_and_its_lease(
             assert row["claimed"] and row["lease_alive"], row
             assert 0 < row["ttl_left"] <= 5 and "pid" in row["holder"]
             assert row["services"] == [await _service_of(catalog)]
-            assert cid
+            assert row["container_ids"] == [cid]
         # The registrar stopped without revoking: the lease runs out, keys and claim go.
         await eventually(lambda: _host_gone(catalog, settings.host_id), within=15)
 

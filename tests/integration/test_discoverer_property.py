@@ -96,6 +96,7 @@ SLOTS: list[tuple[str, str, str]] = [
     ("hxa", "host-a", "a6a6a6a6a6a6"),
 ]
 GOOD_CONTAINER = "600d600d600d"
+ANCHORS = 4
 # A change to the good service reaches HAProxy within this (a reload in
 # progress can hold it for a fraction of a second; a stall cannot).
 UPDATE_WITHIN = 5.0
@@ -147,6 +148,12 @@ def stage(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         ports["hxa"] = d.admin_port
         s = Stage(loop, d, w, prefix, good_port, up["good"].port, ports)
         await w.put(s.good(s.weight))
+        # Steady instances beside it, so that deleting an example's hostile
+        # keys (up to 3 valid ones, on several hosts) never looks like a mass
+        # loss to the discoverer's guard, which would rightly hold and alarm.
+        for n in range(ANCHORS):
+            anchor = make_instance("good", s.upstream_port, good_port, container_id=f"{n:012x}")
+            await w.put(anchor)
         deadline = time.monotonic() + 20
         while not await answered_by(good_port, "good"):
             assert time.monotonic() < deadline, "the good service never routed"

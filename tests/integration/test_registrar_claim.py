@@ -71,7 +71,9 @@ async def test_a_second_registrar_with_the_same_host_id_refuses_and_the_first_ke
 async def test_kill_9_then_restart_takes_the_claim_over_and_keeps_every_key(
     docker: DockerCli, etcd_endpoint: str, reg_prefix: str, view: EtcdView, whoami: str
 ) -> None:
-    settings = settings_for(docker, etcd_endpoint, reg_prefix, ttl=3)
+    # A TTL that outlasts the new process's start on a busy machine: the test
+    # is about taking the claim over while the old lease still holds the keys.
+    settings = settings_for(docker, etcd_endpoint, reg_prefix, ttl=8)
     cid = await docker.run(whoami)
     before = await registrar_process(settings)
     after = None
@@ -165,13 +167,19 @@ async def test_waiting_for_docker_to_name_the_host_still_stops_on_sigterm(
     settings = settings_for(nowhere, etcd_endpoint, reg_prefix, host_id="")
     process = await registrar_process(settings, stderr=asyncio.subprocess.PIPE)
     try:
-        await asyncio.sleep(1.5)  # started, retrying /info
+        # Started (imports take seconds on a busy machine) and retrying /info.
+        assert process.stderr is not None
+        seen = b""
+        async with asyncio.timeout(30):
+            while b"docker unavailable, waiting for it" not in seen:
+                line = await process.stderr.readline()
+                assert line, seen.decode()[-2000:]
+                seen += line
         assert process.returncode is None
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(2):
             _out, stderr = await process.communicate()
-        assert process.returncode == 0, stderr.decode()[-2000:]
-        assert b"docker unavailable, waiting for it" in stderr
+        assert process.returncode == 0, (seen + stderr).decode()[-2000:]
     finally:
         if process.returncode is None:
             process.kill()

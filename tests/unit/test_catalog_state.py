@@ -135,7 +135,11 @@ def test_refused_entries_are_counted_and_listed() -> None:
 
 def test_host_counts() -> None:
     feed = Feed(inst(1), inst(2), inst(3, service="db", host="h2"))
-    assert feed.index.host_counts() == {"h1": (2, 2, ("web",)), "h2": (1, 1, ("db",))}
+    one, two, three = (f"{n:012x}" for n in (1, 2, 3))
+    assert feed.index.host_counts() == {
+        "h1": (2, (one, two), ("web",)),
+        "h2": (1, (three,), ("db",)),
+    }
 
 
 def test_prefix_flag_may_be_repeated() -> None:
