@@ -254,11 +254,15 @@ def logging_template(root: Path) -> Path:
     return path
 
 
-def start_pilotfish(engine: Dockerd, etcd_host: str, root: Path, log: bool = False) -> System:
+def start_pilotfish(
+    engine: Dockerd, etcd_host: str, root: Path, log: bool = False, template: str | None = None
+) -> System:
     prefix, state = f"/bench-{RUN}/pilotfish", root / "pf"
     flags = registrar_flags(etcd_host, prefix, HOST_ID, engine.docker_host, engine.host_ip, 15)
     registrar = Agent.start("registrar", "register", flags, root)
     extra = {"template": str(logging_template(root))} if log else {}
+    if template:
+        extra = {"template": template}
     _, dflags = discoverer_flags(
         etcd_host, prefix, state, "127.0.0.1", log_level="warning", **extra
     )
@@ -688,6 +692,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="keep agents' logs on success")
     parser.add_argument("--haproxy-log", action="store_true",
                         help="diagnosis: HAProxy logs every request (pilotfish)")  # fmt: skip
+    parser.add_argument("--template", help="pilotfish's HAProxy template (to compare one)")
     parser.add_argument("--no-loaded", dest="loaded", action="store_false",
                         help="skip the churn beside stress-ng --cpu 0 (all cores)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
@@ -702,7 +707,9 @@ def parse_args() -> argparse.Namespace:
 async def bench(engine: Dockerd, etcd_host: str, root: Path, args: argparse.Namespace) -> Any:
     docker = Docker(engine)
     systems = {
-        "pilotfish": lambda: start_pilotfish(engine, etcd_host, root, args.haproxy_log),
+        "pilotfish": lambda: start_pilotfish(
+            engine, etcd_host, root, args.haproxy_log, args.template
+        ),
         "baseline": lambda: start_baseline(engine, etcd_host, root),
     }
     result: dict[str, Any] = {}
