@@ -426,8 +426,14 @@ async def lanes_scenario(
 # --- scenario: churn under load --------------------------------------------------------------
 
 
-async def load_process(port: int, rate: float, duration: float, out: Path) -> dict[str, Any]:
-    """bench/load.py in its own process; every failure record is written to ``out``."""
+async def load_process(
+    port: int, rate: float, duration: float, out: Path, haproxy_log: Path | None = None
+) -> dict[str, Any]:
+    """bench/load.py in its own process; every failure record is written to ``out``.
+
+    With ``haproxy_log`` (``--haproxy-log``), each failure gets HAProxy's own
+    log lines for its client port: HAProxy's view of the same request.
+    """
     argv = [PYTHON, str(REPO / "bench" / "load.py"), "--port", str(port), "--rate", str(rate),
             "--duration", str(duration), "--failures-out", str(out)]  # fmt: skip
     try:
@@ -440,9 +446,24 @@ async def load_process(port: int, rate: float, duration: float, out: Path) -> di
         raise RuntimeError(f"load generator failed:\n{done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     failures = json.loads(await asyncio.to_thread(out.read_text))
+    if haproxy_log is not None:
+        failures = await asyncio.to_thread(_with_haproxy_lines, failures, port, haproxy_log)
+        await asyncio.to_thread(out.write_text, json.dumps(failures))
     # The first proxy-caused failures, with their evidence, in the JSON line.
     result["proxy_failures"] = [f for f in failures if f["cls"] == "proxy"][:5]
     return result
+
+
+def _with_haproxy_lines(
+    failures: list[dict[str, Any]], port: int, log: Path
+) -> list[dict[str, Any]]:
+    frontend = f" fe_{port}_"
+    by_port: dict[int, list[str]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        address = line.split(" ", 1)[0]
+        if frontend in line and address.startswith("127.") and ":" in address:
+            by_port.setdefault(int(address.rsplit(":", 1)[1]), []).append(line)
+    return [{**f, "haproxy": by_port.get(f["port"], [])} for f in failures]
 
 
 async def roll(
@@ -554,7 +575,9 @@ async def churn_scenario(
         runs = {}
         for mode, cset in layout.churn.items():
             out = system.state_dir.parent / f"failures-{system.name}-{mode}{tag}.json"
-            load = load_process(cset.port, args.churn_rate, args.churn_seconds, out)
+            logged = args.haproxy_log and system.name == "pilotfish"
+            hlog = system.state_dir / "haproxy.log" if logged else None
+            load = load_process(cset.port, args.churn_rate, args.churn_seconds, out, hlog)
             turns = roll(docker, servers, rolling[mode], args.churn_seconds)
             runs[mode] = asyncio.gather(load, turns)
         results: dict[str, Any] = {}

@@ -27,7 +27,9 @@ it. The rule (``classify``):
   answer in the kernel within the budget.
 
 It also reports its own lag: how late each request was sent against its
-schedule, and the stalls of its event loop (a 5 ms ticker's overshoot).
+schedule, and the stalls of its event loop (a 5 ms ticker's overshoot). A
+client that falls behind never sends faster than ``rate`` to catch up: its
+own burst would be a load nobody asked for.
 
 Prints one JSON object; ``--failures-out`` gets every failure record.
 Standard library only, so it starts fast and measures nothing of the agents.
@@ -73,6 +75,7 @@ class Attempt:
     status_kernel: float = 0.0  # of the chunk that completed the status line
     error: str = ""
     syn_retransmits: int | None = None
+    port: int = 0  # the client's source port: finds the request in HAProxy's log
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Failure:
     cls: str  # proxy or client
     why: str  # the evidence the class rests on
     answered_after_ms: float | None  # kernel time of the status line - sent, if ever seen
+    port: int  # the client's source port (0: never bound)
 
 
 def _status_line_done(data: bytes | bytearray) -> bool:
@@ -156,6 +160,7 @@ async def one_request(host: str, port: int, budget: float, attempt: Attempt) -> 
                 attempt.syn_retransmits = _syn_retransmits(sock)
             return
         attempt.connected = time.time()
+        attempt.port = sock.getsockname()[1]
         attempt.sent = time.time()
         # Budget from the moment the request is written: the proxy's share.
         deadline = loop.time() + budget
@@ -266,8 +271,14 @@ async def open_loop(
     start_wall, start = time.time(), time.monotonic()
     attempts: list[Attempt] = []
     tasks = []
+    sent_at = start - 1 / rate
     for i in range(count):
-        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        # On schedule, but never faster than ``rate``: a client that was starved
+        # does not catch up in a burst (a burst it made would fail requests that
+        # the proxy would have served at the rate asked for). The lag is reported.
+        at = max(start + i / rate, sent_at + 1 / rate)
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        sent_at = time.monotonic()
         attempt = Attempt(due=start_wall + i / rate)
         attempts.append(attempt)
         if time.monotonic() - start > duration + SEND_GRACE_S:
@@ -301,6 +312,7 @@ async def open_loop(
                 cls=cls,
                 why=why,
                 answered_after_ms=None if answered is None else round(answered, 1),
+                port=attempt.port,
             )
         )
     send_lag = [(a.started - a.due) * 1000 for a in attempts if a.started]
