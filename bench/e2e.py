@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -51,6 +52,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -236,10 +238,21 @@ def _watch(groups: dict[str, Agent], state_dir: Path) -> ProcWatch:
     return watch.start()
 
 
+def request_log(system: System, args: argparse.Namespace) -> Path | None:
+    """Where this system's HAProxy logs each request (None: it does not)."""
+    if not args.haproxy_log or (system.name == "pilotfish" and args.template):
+        return None
+    if system.name == "pilotfish":
+        return system.state_dir / "haproxy.log"  # the discoverer sends HAProxy's output there
+    return system.state_dir.parent / "baseline.log"  # its HAProxy inherits the agent's output
+
+
 def logging_template(root: Path) -> Path:
     """The built-in template plus a log line per request (HAProxy's timers) on its stdout.
 
-    For diagnosis only (``--haproxy-log``): the figures are made without it.
+    Only these lines differ from the built-in template: the failures that
+    HAProxy's timers pin on a slow server are counted as ``server``
+    (``split_by_haproxy``). ``--no-haproxy-log`` runs the built-in one as is.
     """
     source = (REPO / "agents" / "discoverer" / "templates" / "haproxy.cfg.j2").read_text()
     source = source.replace("global\n", "global\n    log stdout format raw local0\n", 1)
@@ -271,7 +284,7 @@ def start_pilotfish(
     return System("pilotfish", [registrar, discoverer], state, watch)
 
 
-def start_baseline(engine: Dockerd, etcd_host: str, root: Path) -> System:
+def start_baseline(engine: Dockerd, etcd_host: str, root: Path, log: bool = False) -> System:
     prefix, state = f"/bench-{RUN}/classic", root / "bl"
     state.mkdir(parents=True, exist_ok=True)
     register = Agent("classic_register", [
@@ -282,7 +295,7 @@ def start_baseline(engine: Dockerd, etcd_host: str, root: Path) -> System:
     poller = Agent("baseline", [
         PYTHON, str(REPO / "bench" / "baseline.py"), "--etcd-host", etcd_host,
         "--prefix", prefix, "--state-dir", str(state), "--bind-address", "127.0.0.1",
-        "--check-all",
+        "--check-all", *(["--log-requests"] if log else []),
     ], root / "baseline.log", marker=str(state))  # fmt: skip
     for agent in (register, poller):
         agent.spawn()
@@ -427,12 +440,19 @@ async def lanes_scenario(
 
 
 async def load_process(
-    port: int, rate: float, duration: float, out: Path, haproxy_log: Path | None = None
+    port: int,
+    rate: float,
+    duration: float,
+    out: Path,
+    haproxy_log: Path | None = None,
+    frontend: str = "",
 ) -> dict[str, Any]:
     """bench/load.py in its own process; every failure record is written to ``out``.
 
-    With ``haproxy_log`` (``--haproxy-log``), each failure gets HAProxy's own
-    log lines for its client port: HAProxy's view of the same request.
+    With ``haproxy_log`` (HAProxy's own line for every request), a failure
+    the client could not pin on itself is split further by HAProxy's timers
+    (``split_by_haproxy``): ``server`` when HAProxy had the request on a
+    server in time and the server's answer is what came too late.
     """
     argv = [PYTHON, str(REPO / "bench" / "load.py"), "--port", str(port), "--rate", str(rate),
             "--duration", str(duration), "--failures-out", str(out)]  # fmt: skip
@@ -446,24 +466,88 @@ async def load_process(
         raise RuntimeError(f"load generator failed:\n{done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     failures = json.loads(await asyncio.to_thread(out.read_text))
+    result["server"] = 0
     if haproxy_log is not None:
-        failures = await asyncio.to_thread(_with_haproxy_lines, failures, port, haproxy_log)
+        lines = await asyncio.to_thread(_haproxy_lines, haproxy_log, frontend)
+        failures = [split_by_haproxy(f, result["start_wall"], lines) for f in failures]
         await asyncio.to_thread(out.write_text, json.dumps(failures))
+        for cls in ("proxy", "client", "server"):
+            result[cls] = sum(f["cls"] == cls for f in failures)
+        why = collections.Counter(f["how"] for f in failures if f["cls"] == "proxy")
+        result["why_proxy"] = dict(why)
+        result["classified_with"] = "client kernel timestamps + HAProxy log"
+    else:
+        result["classified_with"] = "client kernel timestamps"
     # The first proxy-caused failures, with their evidence, in the JSON line.
     result["proxy_failures"] = [f for f in failures if f["cls"] == "proxy"][:5]
     return result
 
 
-def _with_haproxy_lines(
-    failures: list[dict[str, Any]], port: int, log: Path
-) -> list[dict[str, Any]]:
-    frontend = f" fe_{port}_"
-    by_port: dict[int, list[str]] = {}
+BUDGET_S = 2.0  # bench/load.py's default: what a request may take
+
+
+def _haproxy_lines(log: Path, frontend: str) -> dict[int, list[tuple[float, list[str]]]]:
+    """HAProxy's request log (httplog / tcplog) of the frontend whose name ends
+    with ``frontend``, by client port: (accept time, fields)."""
+    by_port: dict[int, list[tuple[float, list[str]]]] = {}
     for line in log.read_text(errors="replace").splitlines():
-        address = line.split(" ", 1)[0]
-        if frontend in line and address.startswith("127.") and ":" in address:
-            by_port.setdefault(int(address.rsplit(":", 1)[1]), []).append(line)
-    return [{**f, "haproxy": by_port.get(f["port"], [])} for f in failures]
+        fields = line.split()
+        if len(fields) < 7 or not fields[0].startswith("127.") or not fields[1].startswith("["):
+            continue
+        if not fields[2].endswith(frontend):
+            continue
+        with contextlib.suppress(ValueError):
+            accepted = datetime.strptime(fields[1], "[%d/%b/%Y:%H:%M:%S.%f]").timestamp()
+            by_port.setdefault(int(fields[0].rsplit(":", 1)[1]), []).append((accepted, fields))
+    return by_port
+
+
+def split_by_haproxy(
+    failure: dict[str, Any], start: float, lines: dict[int, list[tuple[float, list[str]]]]
+) -> dict[str, Any]:
+    """Who a request that timed out waiting for its answer is counted against, by HAProxy's log.
+
+    HAProxy's line for the request (same client port, accepted between its
+    sending and its failure) gives the accept delay, how long HAProxy took to
+    have the request on a server (TR, Tw: queue and earlier attempts, Tc:
+    connect) and when HAProxy was done (Ta; Tt in TCP mode, close included);
+    the server's part is the time between the two:
+
+    - ``client``: HAProxy sent the whole answer and closed within the budget
+      of the request being sent (the client did not read it in time);
+    - ``server``: HAProxy had it on the server within half the budget, and
+      the server's part alone took it past the budget;
+    - ``proxy``: the rest (HAProxy accepted, connected or retried too late).
+    """
+    if failure["how"] != "timeout-answer" or not failure.get("sent"):
+        return failure
+    sent, failed = start + failure["sent"], start + failure["failed"]
+    port = failure.get("port", 0)
+    candidates = [(at, f) for at, f in lines.get(port, []) if sent - 1 <= at <= failed]
+    if not candidates:
+        return {**failure, "haproxy": None}
+    accepted, fields = candidates[0]
+    timers = [int(t) for t in fields[4].split("/")]
+    if len(timers) == 5:  # httplog: TR/Tw/Tc/Tr/Ta
+        treq, tw, tc, _tr, done = timers
+        on_server = treq + tw + tc
+    else:  # tcplog: Tw/Tc/Tt
+        tw, tc, done = timers
+        on_server = tw + tc
+    server_part = done - on_server  # request on the server → its whole answer (or the abort)
+    delay = round(max(0.0, accepted - sent) * 1000)
+    haproxy_ms = delay + max(on_server, 0)
+    evidence = {"line": " ".join(fields[2:]), "accept_delay_ms": delay}
+    budget_ms = BUDGET_S * 1000
+    ended_normally = fields[9 if len(timers) == 5 else 6].startswith("-")
+    if delay + done <= budget_ms and ended_normally:
+        why = f"HAProxy answered and closed {delay + done} ms after it was sent"
+        return {**failure, "cls": "client", "why": why, "haproxy": evidence}
+    if tc >= 0 and haproxy_ms <= budget_ms / 2 and haproxy_ms + server_part >= budget_ms:
+        why = f"HAProxy had it on the server in {haproxy_ms} ms; the server took {server_part} ms"
+        return {**failure, "cls": "server", "why": why, "haproxy": evidence}
+    why = f"HAProxy's part {haproxy_ms} ms (accept delay {delay}), the server's {server_part} ms"
+    return {**failure, "cls": "proxy", "why": why, "haproxy": evidence}
 
 
 async def roll(
@@ -575,9 +659,10 @@ async def churn_scenario(
         runs = {}
         for mode, cset in layout.churn.items():
             out = system.state_dir.parent / f"failures-{system.name}-{mode}{tag}.json"
-            logged = args.haproxy_log and system.name == "pilotfish"
-            hlog = system.state_dir / "haproxy.log" if logged else None
-            load = load_process(cset.port, args.churn_rate, args.churn_seconds, out, hlog)
+            hlog = request_log(system, args)
+            load = load_process(
+                cset.port, args.churn_rate, args.churn_seconds, out, hlog, f"_churn{mode}"
+            )
             turns = roll(docker, servers, rolling[mode], args.churn_seconds)
             runs[mode] = asyncio.gather(load, turns)
         results: dict[str, Any] = {}
@@ -677,7 +762,7 @@ def table(result: dict[str, Any]) -> str:
         goal = "0 proxy" if key.startswith("churn_http") else ""
         rows.append(f"{key + ' failed/total':<30}{_frac(ours):>12}{_frac(theirs):>12}{'':>8}"
                     f"  {goal}")  # fmt: skip
-        for part in ("proxy", "client"):
+        for part in ("proxy", "client", "server"):
             rows.append(f"{'  of which ' + part:<30}{ours.get(part, '-')!s:>12}"
                         f"{theirs.get(part, '-')!s:>12}")  # fmt: skip
         rows.append(f"{'  client send lag max ms':<30}{_lag(ours):>12}{_lag(theirs):>12}")
@@ -713,8 +798,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--systems", default="pilotfish,baseline", help="which to run, in order")
     parser.add_argument("--keep-logs", action="store_true", help="keep agents' logs on success")
-    parser.add_argument("--haproxy-log", action="store_true",
-                        help="diagnosis: HAProxy logs every request (pilotfish)")  # fmt: skip
+    parser.add_argument("--no-haproxy-log", dest="haproxy_log", action="store_false",
+                        help="no request log (failures: proxy or client only)")  # fmt: skip
     parser.add_argument("--template", help="pilotfish's HAProxy template (to compare one)")
     parser.add_argument("--no-loaded", dest="loaded", action="store_false",
                         help="skip the churn beside stress-ng --cpu 0 (all cores)")  # fmt: skip
@@ -733,7 +818,7 @@ async def bench(engine: Dockerd, etcd_host: str, root: Path, args: argparse.Name
         "pilotfish": lambda: start_pilotfish(
             engine, etcd_host, root, args.haproxy_log, args.template
         ),
-        "baseline": lambda: start_baseline(engine, etcd_host, root),
+        "baseline": lambda: start_baseline(engine, etcd_host, root, args.haproxy_log),
     }
     result: dict[str, Any] = {}
     try:

@@ -321,6 +321,7 @@ async def open_loop(
     # Answered: request written → status line in the kernel (the proxy's time, not the client's).
     answered = [(a.status_kernel - a.sent) * 1000 for a in attempts if not outcome(a)]
     summary = {
+        "start_wall": round(start_wall, 3),  # failure times are seconds after this
         "total": count,
         "failed": len(failures),
         "proxy": sum(f.cls == "proxy" for f in failures),
