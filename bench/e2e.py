@@ -1,7 +1,8 @@
 """End-to-end benchmark: pilotfish against the reload-based baseline, real Docker to HAProxy.
 
-    .venv/bin/python bench/e2e.py            # full run (≈ 10 min on 2 cores)
-    .venv/bin/python bench/e2e.py --quick    # reduced counts (≈ 3 min)
+    .venv/bin/python bench/e2e.py            # full run (≈ 12 min on 2 cores)
+    .venv/bin/python bench/e2e.py --quick    # reduced counts (≈ 4 min)
+    .venv/bin/python bench/e2e.py --samples 0 --systems pilotfish   # churn only
 
 Starts its own dockerd and etcd (tests/stack.py) and, one system after the
 other, against the same whoami containers:
@@ -25,10 +26,18 @@ Scenarios, per system:
   ``show servers state`` of the consumer's HAProxy (stats socket in the state
   dir, polled every 2 ms while a stop is younger than 1 s, else every 20 ms).
 - churn: ``--churn-seconds`` of load at ``--churn-rate`` req/s (a new
-  connection each; failed: error, no answer in 2 s, not 200) on an HTTP-mode
-  and a TCP-mode service at once, each load generator its own process, while
-  each service is rolled every 5 s (start a new instance, wait 2 s, stop the
-  oldest).
+  connection each; failed: error, no whole answer in 2 s, not 200) on an
+  HTTP-mode and a TCP-mode service at once, each load generator its own
+  process (bench/load.py), while each service is rolled every 5 s (start a
+  new instance, wait 2 s, stop the oldest); then the same again beside
+  ``stress-ng --cpu 0`` (a CPU hog per core, bounded by ``--timeout``):
+  ``churn_http``, ``churn_tcp``, ``churn_http_loaded``, ``churn_tcp_loaded``.
+  Each failure is counted against the ``client`` (its own lag: the answer
+  was there in time), the ``server`` (HAProxy had the request on a server in
+  time, the server answered too late) or the ``proxy`` (the rest), see
+  bench/load.py and ``split_by_haproxy``; beside it the client's lag,
+  HAProxy's retry and error counters, and for every stop how long the server
+  stayed in rotation and how many connections it got meanwhile.
 - CPU seconds and peak memory (VmHWM) of each agent and of its HAProxy.
 
 A table, then the last line: one JSON object with every number.

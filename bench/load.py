@@ -26,6 +26,12 @@ it. The rule (``classify``):
   not 200, a SYN not answered in time (the proxy not accepting), or no
   answer in the kernel within the budget.
 
+A status line in time does not prove the whole answer was (a body read to
+the close of the connection carries no length): bench/e2e.py settles each
+request that timed out waiting for its answer with HAProxy's own log line
+for it (``split_by_haproxy``), which also tells a slow server from a slow
+proxy.
+
 It also reports its own lag: how late each request was sent against its
 schedule, and the stalls of its event loop (a 5 ms ticker's overshoot). A
 client that falls behind never sends faster than ``rate`` to catch up: its
