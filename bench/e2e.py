@@ -277,10 +277,13 @@ def logging_template(root: Path) -> Path:
 
 
 def start_pilotfish(
-    engine: Dockerd, etcd_host: str, root: Path, log: bool = False, template: str | None = None
+    engine: Dockerd, etcd_host: str, root: Path, args: argparse.Namespace
 ) -> System:
+    log, template = args.haproxy_log, args.template
     prefix, state = f"/bench-{RUN}/pilotfish", root / "pf"
     flags = registrar_flags(etcd_host, prefix, HOST_ID, engine.docker_host, engine.host_ip, 15)
+    if args.internal:
+        flags["internal"] = True  # the container's own address: no docker-proxy in the path
     registrar = Agent.start("registrar", "register", flags, root)
     extra = {"template": str(logging_template(root))} if log else {}
     if template:
@@ -595,6 +598,8 @@ async def stop_and_count(docker: Docker, servers: ServerList, cid: str) -> dict[
         await asyncio.sleep(0.005)
     await stopping
     sessions = int(last["stot"]) - int(before["stot"]) if before and last else -1
+    if sessions < -1:
+        sessions = -1  # a reload (the baseline's) restarted HAProxy's counters: unknown
     return {"left_rotation_ms": round(left_ms, 1) if left_ms else -1.0, "sessions": sessions}
 
 
@@ -810,6 +815,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-haproxy-log", dest="haproxy_log", action="store_false",
                         help="no request log (failures: proxy or client only)")  # fmt: skip
     parser.add_argument("--template", help="pilotfish's HAProxy template (to compare one)")
+    parser.add_argument("--internal", action="store_true",
+                        help="pilotfish registers container addresses")  # fmt: skip
     parser.add_argument("--no-loaded", dest="loaded", action="store_false",
                         help="skip the churn beside stress-ng --cpu 0 (all cores)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
@@ -824,9 +831,7 @@ def parse_args() -> argparse.Namespace:
 async def bench(engine: Dockerd, etcd_host: str, root: Path, args: argparse.Namespace) -> Any:
     docker = Docker(engine)
     systems = {
-        "pilotfish": lambda: start_pilotfish(
-            engine, etcd_host, root, args.haproxy_log, args.template
-        ),
+        "pilotfish": lambda: start_pilotfish(engine, etcd_host, root, args),
         "baseline": lambda: start_baseline(engine, etcd_host, root, args.haproxy_log),
     }
     result: dict[str, Any] = {}
