@@ -593,6 +593,7 @@ async def stop_and_count(docker: Docker, servers: ServerList, cid: str) -> dict[
         row = await server_row(servers, name)
         if row is None or not _in_rotation(row):
             left_ms = (time.monotonic() - issued) * 1000
+            last = row or last  # a draining row still counts what it was sent before
             break
         last = row
         await asyncio.sleep(0.005)
