@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def main() -> int:
         haproxy.terminate()
         haproxy.wait(10)
         upstreams.close()
+        shutil.rmtree(state, ignore_errors=True)
     print(f"{'case':<18}{'failed':>10}{'proxy':>7}{'answer p99 ms':>15}{'max':>9}  how")
     for key, r in results.items():
         print(f"{key:<18}{r['failed']:>6}/{r['total']:<3}{r['proxy']:>7}"
