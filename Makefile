@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl openssl chromium
+# Only the benchmarks need these: bench/e2e.py's loaded churn runs a CPU hog beside it.
+BENCH_PACKAGES := stress-ng
 
-.PHONY: help deps venv lock test test-deploy unit lint typecheck demo demo-down bench clean
+.PHONY: help deps bench-deps venv lock test test-deploy unit lint typecheck demo demo-down bench clean
 
 help:
 	@echo "make demo       bring up etcd, dockerd (if needed), registrar, discoverer+HAProxy, catalog, 3 whoami"
@@ -24,6 +26,12 @@ deps:
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBIAN_PACKAGES); \
+	fi
+
+bench-deps: deps
+	@if ! command -v stress-ng >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(BENCH_PACKAGES); \
 	fi
 
 # Exactly the pinned, hash-checked dependencies, then the project itself.
@@ -72,9 +80,10 @@ demo: deps venv
 demo-down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python scripts/demo.py down; fi
 
-bench: deps venv
+bench: bench-deps venv
 	$(BIN)/python bench/registrar.py
 	$(BIN)/python bench/discoverer.py
+	$(BIN)/python bench/retry_cases.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/catalog.py
 

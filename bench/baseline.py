@@ -29,10 +29,17 @@ from agents.common.settings import CommonSettings
 from agents.discoverer.model import Catalog, build_catalog
 
 
-def render(catalog: Catalog, bind: str, state_dir: Path, check_all: bool = False) -> str:
-    """The full configuration, every server static (as the template tools do)."""
+def render(
+    catalog: Catalog, bind: str, state_dir: Path, check_all: bool = False, log: bool = False
+) -> str:
+    """The full configuration, every server static (as the template tools do).
+
+    ``log``: a line per request on HAProxy's stdout (bench/e2e.py reads the
+    timers to tell a slow server from a slow proxy).
+    """
     lines = [
         "global",
+        *(["    log stdout format raw local0"] if log else []),
         f"    stats socket {state_dir}/haproxy.sock mode 600 level admin",
         "    maxconn 4000",
         "defaults",
@@ -46,6 +53,7 @@ def render(catalog: Catalog, bind: str, state_dir: Path, check_all: bool = False
             f"frontend f_{name}",
             f"    mode {service.mode}",
             f"    bind {bind}:{service.bind_port}",
+            *(["    log global", f"    option {service.mode}log"] if log else []),
             f"    default_backend b_{name}",
             *(["    option idle-close-on-response"] if service.mode == "http" else []),
             f"backend b_{name}",
@@ -85,7 +93,10 @@ class Baseline:
             except SchemaError:
                 continue
         catalog, _ = build_catalog(instances)
-        config = render(catalog, self.args.bind_address, self.state_dir, self.args.check_all)
+        config = render(
+            catalog, self.args.bind_address, self.state_dir, self.args.check_all,
+            self.args.log_requests,
+        )  # fmt: skip
         if config == self.last_config:
             return
         candidate = self.state_dir / "haproxy.cfg.new"
@@ -151,6 +162,7 @@ async def main() -> None:
     parser.add_argument("--bind-address", default="127.0.0.1")
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--check-all", action="store_true", help="health-check every server")
+    parser.add_argument("--log-requests", action="store_true", help="HAProxy logs each request")
     parser.add_argument("--haproxy-binary", default="haproxy")
     args = parser.parse_args()
     stop = asyncio.Event()

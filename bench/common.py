@@ -1,32 +1,21 @@
-"""Shared by the benchmarks: percentiles, process CPU/memory, HAProxy's server list, load.
+"""Shared by the benchmarks: percentiles, process CPU/memory, HAProxy's server list.
 
-The load generator also runs as its own process, so the measuring process's
-event loop never competes with it for the GIL:
-
-    .venv/bin/python bench/common.py load --port 8080 --rate 200 --duration 60
-
-prints one JSON object: ``total``, ``failed`` and why they failed.
+The load generator is bench/load.py, a process of its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import collections
 import contextlib
-import json
 import os
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
-
-from e2e_kit import fetch  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -177,48 +166,3 @@ async def _command(path: Path, command: str) -> str | None:
                 writer.close()
     except (OSError, TimeoutError):
         return None
-
-
-# --- load ------------------------------------------------------------------------------------
-
-
-async def open_loop(host: str, port: int, rate: float, duration: float) -> dict[str, Any]:
-    """``rate`` GETs/s for ``duration`` s, each on a new connection, sent on schedule.
-
-    A request fails on a connection error, no answer within 2 s or a status
-    other than 200. Bounded: exactly ``rate * duration`` requests.
-    """
-    count = int(rate * duration)
-    start = time.monotonic()
-    tasks = []
-    for i in range(count):
-        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-        tasks.append(asyncio.create_task(fetch(host, port, within=2.0)))
-    replies = await asyncio.gather(*tasks)
-    why = collections.Counter(
-        reply.error or f"status {reply.status}" for reply in replies if not reply.ok
-    )
-    served = collections.Counter(reply.body for reply in replies if reply.ok)
-    return {
-        "total": count,
-        "failed": sum(why.values()),
-        "why": dict(why),
-        "backends": len(served),
-        "late_s": round(time.monotonic() - start - duration, 2),
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="open-loop HTTP load, one connection each")
-    parser.add_argument("command", choices=["load"])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--rate", type=float, default=200.0)
-    parser.add_argument("--duration", type=float, default=60.0)
-    args = parser.parse_args()
-    result = asyncio.run(open_loop(args.host, args.port, args.rate, args.duration))
-    print(json.dumps(result), flush=True)
-
-
-if __name__ == "__main__":
-    main()

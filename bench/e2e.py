@@ -1,7 +1,8 @@
 """End-to-end benchmark: pilotfish against the reload-based baseline, real Docker to HAProxy.
 
-    .venv/bin/python bench/e2e.py            # full run (≈ 10 min on 2 cores)
-    .venv/bin/python bench/e2e.py --quick    # reduced counts (≈ 3 min)
+    .venv/bin/python bench/e2e.py            # full run (≈ 12 min on 2 cores)
+    .venv/bin/python bench/e2e.py --quick    # reduced counts (≈ 4 min)
+    .venv/bin/python bench/e2e.py --samples 0 --systems pilotfish   # churn only
 
 Starts its own dockerd and etcd (tests/stack.py) and, one system after the
 other, against the same whoami containers:
@@ -25,10 +26,18 @@ Scenarios, per system:
   ``show servers state`` of the consumer's HAProxy (stats socket in the state
   dir, polled every 2 ms while a stop is younger than 1 s, else every 20 ms).
 - churn: ``--churn-seconds`` of load at ``--churn-rate`` req/s (a new
-  connection each; failed: error, no answer in 2 s, not 200) on an HTTP-mode
-  and a TCP-mode service at once, each load generator its own process, while
-  each service is rolled every 5 s (start a new instance, wait 2 s, stop the
-  oldest).
+  connection each; failed: error, no whole answer in 2 s, not 200) on an
+  HTTP-mode and a TCP-mode service at once, each load generator its own
+  process (bench/load.py), while each service is rolled every 5 s (start a
+  new instance, wait 2 s, stop the oldest); then the same again beside
+  ``stress-ng --cpu 0`` (a CPU hog per core, bounded by ``--timeout``):
+  ``churn_http``, ``churn_tcp``, ``churn_http_loaded``, ``churn_tcp_loaded``.
+  Each failure is counted against the ``client`` (its own lag: the answer
+  was there in time), the ``server`` (HAProxy had the request on a server in
+  time, the server answered too late) or the ``proxy`` (the rest), see
+  bench/load.py and ``split_by_haproxy``; beside it the client's lag,
+  HAProxy's retry and error counters, and for every stop how long the server
+  stayed in rotation and how many connections it got meanwhile.
 - CPU seconds and peak memory (VmHWM) of each agent and of its HAProxy.
 
 A table, then the last line: one JSON object with every number.
@@ -38,8 +47,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -48,8 +59,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,7 +70,7 @@ import aiodocker
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration"), str(REPO / "bench")]
 
-from common import ProcWatch, ServerList, comm, in_rotation, percentiles  # noqa: E402
+from common import ProcWatch, ServerList, _command, comm, in_rotation, percentiles  # noqa: E402
 from e2e_kit import (  # noqa: E402
     PYTHON,
     Agent,
@@ -102,6 +114,18 @@ class ChurnSet:
     mode: str
     port: int
     containers: list[str] = field(default_factory=list)  # started in this order
+
+
+@dataclass
+class Rolling:
+    """One system's pass over a churn set: who runs now, who is started next."""
+
+    running: list[str]
+    spare: list[str]
+
+    @classmethod
+    def of(cls, cset: ChurnSet) -> Rolling:
+        return cls(list(cset.containers[:CHURN_INITIAL]), list(cset.containers[CHURN_INITIAL:]))
 
 
 @dataclass
@@ -181,7 +205,8 @@ async def make_layout(docker: Docker, args: argparse.Namespace) -> Layout:
     which = [i % args.lanes for i in range(args.samples)]
     probes = await bounded([docker.create(f"lane{i}", lanes[i].port, "http") for i in which])
     churn = {mode: ChurnSet(mode, free_port()) for mode in ("http", "tcp")}
-    per_set = CHURN_INITIAL + int(args.churn_seconds // CHURN_EVERY) + 1
+    # Enough fresh instances for the idle and the loaded churn.
+    per_set = CHURN_INITIAL + 2 * (int(args.churn_seconds // CHURN_EVERY) + 1)
     for mode, cset in churn.items():
         creates = [docker.create(f"churn{mode}", cset.port, mode) for _ in range(per_set)]
         cset.containers = await bounded(creates)
@@ -222,17 +247,56 @@ def _watch(groups: dict[str, Agent], state_dir: Path) -> ProcWatch:
     return watch.start()
 
 
-def start_pilotfish(engine: Dockerd, etcd_host: str, root: Path) -> System:
+def request_log(system: System, args: argparse.Namespace) -> Path | None:
+    """Where this system's HAProxy logs each request (None: it does not)."""
+    if not args.haproxy_log or (system.name == "pilotfish" and args.template):
+        return None
+    if system.name == "pilotfish":
+        return system.state_dir / "haproxy.log"  # the discoverer sends HAProxy's output there
+    return system.state_dir.parent / "baseline.log"  # its HAProxy inherits the agent's output
+
+
+def logging_template(root: Path) -> Path:
+    """The built-in template plus a log line per request (HAProxy's timers) on its stdout.
+
+    Only these lines differ from the built-in template: the failures that
+    HAProxy's timers pin on a slow server are counted as ``server``
+    (``split_by_haproxy``). ``--no-haproxy-log`` runs the built-in one as is.
+    """
+    source = (REPO / "agents" / "discoverer" / "templates" / "haproxy.cfg.j2").read_text()
+    source = source.replace("global\n", "global\n    log stdout format raw local0\n", 1)
+    source = source.replace(
+        "    default_backend {{ service.name }}\n",
+        "    log global\n"
+        "    option {{ 'httplog' if service.mode == 'http' else 'tcplog' }}\n"
+        "    default_backend {{ service.name }}\n",
+    )
+    path = root / "haproxy-logging.cfg.j2"
+    path.write_text(source)
+    return path
+
+
+def start_pilotfish(
+    engine: Dockerd, etcd_host: str, root: Path, args: argparse.Namespace
+) -> System:
+    log, template = args.haproxy_log, args.template
     prefix, state = f"/bench-{RUN}/pilotfish", root / "pf"
     flags = registrar_flags(etcd_host, prefix, HOST_ID, engine.docker_host, engine.host_ip, 15)
+    if args.internal:
+        flags["internal"] = True  # the container's own address: no docker-proxy in the path
     registrar = Agent.start("registrar", "register", flags, root)
-    _, dflags = discoverer_flags(etcd_host, prefix, state, "127.0.0.1", log_level="warning")
+    extra = {"template": str(logging_template(root))} if log else {}
+    if template:
+        extra = {"template": template}
+    _, dflags = discoverer_flags(
+        etcd_host, prefix, state, "127.0.0.1", log_level="warning", **extra
+    )
     discoverer = Agent.start("discoverer", "discover", dflags, root, marker=str(state))
     watch = _watch({"registrar": registrar, "discoverer": discoverer}, state)
     return System("pilotfish", [registrar, discoverer], state, watch)
 
 
-def start_baseline(engine: Dockerd, etcd_host: str, root: Path) -> System:
+def start_baseline(engine: Dockerd, etcd_host: str, root: Path, log: bool = False) -> System:
     prefix, state = f"/bench-{RUN}/classic", root / "bl"
     state.mkdir(parents=True, exist_ok=True)
     register = Agent("classic_register", [
@@ -243,7 +307,7 @@ def start_baseline(engine: Dockerd, etcd_host: str, root: Path) -> System:
     poller = Agent("baseline", [
         PYTHON, str(REPO / "bench" / "baseline.py"), "--etcd-host", etcd_host,
         "--prefix", prefix, "--state-dir", str(state), "--bind-address", "127.0.0.1",
-        "--check-all",
+        "--check-all", *(["--log-requests"] if log else []),
     ], root / "baseline.log", marker=str(state))  # fmt: skip
     for agent in (register, poller):
         agent.spawn()
@@ -387,42 +451,245 @@ async def lanes_scenario(
 # --- scenario: churn under load --------------------------------------------------------------
 
 
-async def load_process(port: int, rate: float, duration: float) -> dict[str, Any]:
-    argv = [PYTHON, str(REPO / "bench" / "common.py"), "load", "--port", str(port),
-            "--rate", str(rate), "--duration", str(duration)]  # fmt: skip
-    done = await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=duration + 60
-    )
+async def load_process(
+    port: int,
+    rate: float,
+    duration: float,
+    out: Path,
+    haproxy_log: Path | None = None,
+    frontend: str = "",
+) -> dict[str, Any]:
+    """bench/load.py in its own process; every failure record is written to ``out``.
+
+    With ``haproxy_log`` (HAProxy's own line for every request), a failure
+    the client could not pin on itself is split further by HAProxy's timers
+    (``split_by_haproxy``): ``server`` when HAProxy had the request on a
+    server in time and the server's answer is what came too late.
+    """
+    argv = [PYTHON, str(REPO / "bench" / "load.py"), "--port", str(port), "--rate", str(rate),
+            "--duration", str(duration), "--failures-out", str(out)]  # fmt: skip
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=duration + 90
+        )
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"load generator hung:\n{error.stderr!r}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    failures = json.loads(await asyncio.to_thread(out.read_text))
+    result["server"] = 0
+    if haproxy_log is not None:
+        lines = await asyncio.to_thread(_haproxy_lines, haproxy_log, frontend)
+        failures = [split_by_haproxy(f, result["start_wall"], lines) for f in failures]
+        await asyncio.to_thread(out.write_text, json.dumps(failures))
+        for cls in ("proxy", "client", "server"):
+            result[cls] = sum(f["cls"] == cls for f in failures)
+        why = collections.Counter(f["how"] for f in failures if f["cls"] == "proxy")
+        result["why_proxy"] = dict(why)
+        result["classified_with"] = "client kernel timestamps + HAProxy log"
+    else:
+        result["classified_with"] = "client kernel timestamps"
+    # The first proxy-caused failures, with their evidence, in the JSON line.
+    result["proxy_failures"] = [f for f in failures if f["cls"] == "proxy"][:5]
     return result
 
 
-async def roll(docker: Docker, cset: ChurnSet, seconds: float) -> int:
-    """Every 5 s: start the next instance, 2 s later stop the oldest one running."""
-    running = list(cset.containers[:CHURN_INITIAL])
-    spare = iter(cset.containers[CHURN_INITIAL:])
-    began, rolled = time.monotonic(), 0
+BUDGET_S = 2.0  # bench/load.py's default: what a request may take
+
+
+def _haproxy_lines(log: Path, frontend: str) -> dict[int, list[tuple[float, list[str]]]]:
+    """HAProxy's request log (httplog / tcplog) of the frontend whose name ends
+    with ``frontend``, by client port: (accept time, fields)."""
+    by_port: dict[int, list[tuple[float, list[str]]]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) < 7 or not fields[0].startswith("127.") or not fields[1].startswith("["):
+            continue
+        if not fields[2].endswith(frontend):
+            continue
+        with contextlib.suppress(ValueError):
+            accepted = datetime.strptime(fields[1], "[%d/%b/%Y:%H:%M:%S.%f]").timestamp()
+            by_port.setdefault(int(fields[0].rsplit(":", 1)[1]), []).append((accepted, fields))
+    return by_port
+
+
+def split_by_haproxy(
+    failure: dict[str, Any], start: float, lines: dict[int, list[tuple[float, list[str]]]]
+) -> dict[str, Any]:
+    """Who a request that timed out waiting for its answer is counted against, by HAProxy's log.
+
+    HAProxy's line for the request (same client port, accepted between its
+    sending and its failure) gives the accept delay, how long HAProxy took to
+    have the request on a server (TR, Tw: queue and earlier attempts, Tc:
+    connect) and when HAProxy was done (Ta; Tt in TCP mode, close included);
+    the server's part is the time between the two:
+
+    - ``client``: HAProxy sent the whole answer and closed within the budget
+      of the request being sent (the client did not read it in time);
+    - ``server``: HAProxy had it on the server within half the budget, and
+      the server's part alone took it past the budget;
+    - ``proxy``: the rest (HAProxy accepted, connected or retried too late).
+    """
+    if failure["how"] != "timeout-answer" or not failure.get("sent"):
+        return failure
+    sent, failed = start + failure["sent"], start + failure["failed"]
+    port = failure.get("port", 0)
+    candidates = [(at, f) for at, f in lines.get(port, []) if sent - 1 <= at <= failed]
+    if not candidates:
+        return {**failure, "haproxy": None}
+    accepted, fields = candidates[0]
+    timers = [int(t) for t in fields[4].split("/")]
+    if len(timers) == 5:  # httplog: TR/Tw/Tc/Tr/Ta
+        treq, tw, tc, _tr, done = timers
+        on_server = treq + tw + tc
+    else:  # tcplog: Tw/Tc/Tt
+        tw, tc, done = timers
+        on_server = tw + tc
+    server_part = done - on_server  # request on the server → its whole answer (or the abort)
+    delay = round(max(0.0, accepted - sent) * 1000)
+    haproxy_ms = delay + max(on_server, 0)
+    evidence = {"line": " ".join(fields[2:]), "accept_delay_ms": delay}
+    budget_ms = BUDGET_S * 1000
+    ended_normally = fields[9 if len(timers) == 5 else 6].startswith("-")
+    if delay + done <= budget_ms and ended_normally:
+        why = f"HAProxy answered and closed {delay + done} ms after it was sent"
+        return {**failure, "cls": "client", "why": why, "haproxy": evidence}
+    if tc >= 0 and haproxy_ms <= budget_ms / 2 and haproxy_ms + server_part >= budget_ms:
+        why = f"HAProxy had it on the server in {haproxy_ms} ms; the server took {server_part} ms"
+        return {**failure, "cls": "server", "why": why, "haproxy": evidence}
+    why = f"HAProxy's part {haproxy_ms} ms (accept delay {delay}), the server's {server_part} ms"
+    return {**failure, "cls": "proxy", "why": why, "haproxy": evidence}
+
+
+async def roll(
+    docker: Docker, servers: ServerList, rolling: Rolling, seconds: float
+) -> list[dict[str, float]]:
+    """Every 5 s: start the next instance, 2 s later stop the oldest one running.
+
+    For each stop: how long after ``docker stop`` was issued the server left
+    rotation, and how many connections HAProxy sent it in that time (the
+    drain lands after the stop signal: these met a dying process).
+    """
+    began, stops = time.monotonic(), []
     while time.monotonic() - began + CHURN_EVERY + CHURN_OVERLAP <= seconds:
-        await asyncio.sleep(max(0.0, began + (rolled + 1) * CHURN_EVERY - time.monotonic()))
-        fresh = next(spare)
+        await asyncio.sleep(max(0.0, began + (len(stops) + 1) * CHURN_EVERY - time.monotonic()))
+        fresh = rolling.spare.pop(0)
         await docker.start(fresh)
-        running.append(fresh)
+        rolling.running.append(fresh)
         await asyncio.sleep(CHURN_OVERLAP)
-        await docker.stop(running.pop(0))
-        rolled += 1
-    return rolled
+        old = rolling.running.pop(0)
+        stops.append(await stop_and_count(docker, servers, old))
+    return stops
+
+
+async def stop_and_count(docker: Docker, servers: ServerList, cid: str) -> dict[str, float]:
+    name = server_name(HOST_ID, cid)
+    before = await server_row(servers, name)
+    issued = time.monotonic()
+    stopping = asyncio.create_task(docker.stop(cid))
+    last, left_ms = before, None
+    while time.monotonic() - issued < 15.0:
+        row = await server_row(servers, name)
+        if row is None or not _in_rotation(row):
+            left_ms = (time.monotonic() - issued) * 1000
+            last = row or last  # a draining row still counts what it was sent before
+            break
+        last = row
+        await asyncio.sleep(0.005)
+    await stopping
+    sessions = int(last["stot"]) - int(before["stot"]) if before and last else -1
+    if sessions < -1:
+        sessions = -1  # a reload (the baseline's) restarted HAProxy's counters: unknown
+    return {"left_rotation_ms": round(left_ms, 1) if left_ms else -1.0, "sessions": sessions}
+
+
+def _in_rotation(row: dict[str, str]) -> bool:
+    return row.get("weight") not in ("0", "") and not row.get("status", "").startswith(
+        ("DRAIN", "MAINT", "DOWN")
+    )
+
+
+async def server_row(servers: ServerList, name: str) -> dict[str, str] | None:
+    """The ``show stat`` row of server ``name``; None if it is not there."""
+    for row in await show_stat(servers):
+        if row.get("svname") == name:
+            return row
+    return None
+
+
+async def show_stat(servers: ServerList) -> list[dict[str, str]]:
+    socket = servers.socket or next(iter(sorted(servers.state_dir.rglob("*.sock"))), None)
+    text = await _command(socket, "show stat\n") if socket else None
+    if not text or not text.startswith("# "):
+        return []
+    columns = text.splitlines()[0][2:].split(",")
+    return [dict(zip(columns, line.split(","), strict=False)) for line in text.splitlines()[1:]]
+
+
+# What HAProxy counted for a backend (``show stat``): retries, redispatches,
+# connection and response errors, 5xx sent, aborts on either side.
+COUNTERS = ("wretr", "wredis", "econ", "eresp", "hrsp_5xx", "cli_abrt", "srv_abrt")
+
+
+async def backend_counters(servers: ServerList, backend_suffix: str) -> dict[str, int]:
+    for row in await show_stat(servers):
+        if row.get("svname") == "BACKEND" and row.get("pxname", "").endswith(backend_suffix):
+            return {c: int(row[c] or 0) for c in COUNTERS if c in row}
+    return {}
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    # A reload restarts the counters: then "after" alone is the best we have.
+    return {k: v - before.get(k, 0) if v >= before.get(k, 0) else v for k, v in after.items()}
+
+
+@contextlib.contextmanager
+def cpu_hog(seconds: float) -> Iterator[list[str]]:
+    """``stress-ng --cpu 0`` (a worker per core) for at most ``seconds``."""
+    argv = ["stress-ng", "--cpu", "0", "--timeout", f"{int(seconds)}s", "--quiet"]
+    hog = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield argv
+    finally:
+        if hog.poll() is None:
+            os.killpg(hog.pid, signal.SIGTERM)  # its own session: stress-ng and its workers
+        try:
+            hog.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(hog.pid, signal.SIGKILL)
+            hog.wait()
 
 
 async def churn_scenario(
-    docker: Docker, layout: Layout, args: argparse.Namespace
-) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for mode, cset in layout.churn.items():
-        load = load_process(cset.port, args.churn_rate, args.churn_seconds)
-        results[mode] = asyncio.gather(load, roll(docker, cset, args.churn_seconds))
-    for mode in list(results):
-        load_result, rolled = await results[mode]
-        results[mode] = {**load_result, "replacements": rolled}
+    docker: Docker, system: System, layout: Layout, rolling: dict[str, Rolling],
+    args: argparse.Namespace, loaded: bool,
+) -> dict[str, Any]:  # fmt: skip
+    servers = ServerList(system.state_dir)
+    tag = "_loaded" if loaded else ""
+    before = {m: await backend_counters(servers, f"churn{m}") for m in layout.churn}
+    hog = cpu_hog(args.churn_seconds + 5) if loaded else contextlib.nullcontext([])
+    with hog as hog_argv:
+        load_avg = os.getloadavg()[0]
+        runs = {}
+        for mode, cset in layout.churn.items():
+            out = system.state_dir.parent / f"failures-{system.name}-{mode}{tag}.json"
+            hlog = request_log(system, args)
+            load = load_process(
+                cset.port, args.churn_rate, args.churn_seconds, out, hlog, f"_churn{mode}"
+            )
+            turns = roll(docker, servers, rolling[mode], args.churn_seconds)
+            runs[mode] = asyncio.gather(load, turns)
+        results: dict[str, Any] = {}
+        for mode, run in runs.items():
+            load_result, stops = await run
+            counters = _delta(await backend_counters(servers, f"churn{mode}"), before[mode])
+            left = [s["left_rotation_ms"] for s in stops if s["left_rotation_ms"] >= 0]
+            results[mode] = {**load_result, "replacements": len(stops), "haproxy": counters,
+                             "stop_to_out_of_rotation_ms": percentiles(left),
+                             "sessions_after_stop": [s["sessions"] for s in stops],
+                             "loadavg_1m_at_start": round(load_avg, 1),
+                             "cpu_hog": " ".join(hog_argv)}  # fmt: skip
     return results
 
 
@@ -453,13 +720,21 @@ async def run_system(
     await bounded([docker.start(c) for c in layout.always_on()])
     system = start()
     name = system.name
+    samples = Samples()
     try:
         await until(lambda: ready(system, layout), 120, f"{name}: every initial server routed")
-        log(f"{name}: ready; start/stop of {len(layout.probes)} containers")
-        samples = await lanes_scenario(docker, system, layout, args)
-        log(f"{name}: churn, {args.churn_seconds:.0f} s at {args.churn_rate:.0f} req/s")
-        churn = await churn_scenario(docker, layout, args)
-        system.check_alive()
+        if args.samples:
+            log(f"{name}: ready; start/stop of {len(layout.probes)} containers")
+            samples = await lanes_scenario(docker, system, layout, args)
+        rolling = {mode: Rolling.of(cset) for mode, cset in layout.churn.items()}
+        churn: dict[str, Any] = {}
+        for loaded in (False, True)[: 2 if args.loaded else 1]:
+            with_hog = " beside stress-ng --cpu 0" if loaded else ""
+            log(f"{name}: churn, {args.churn_seconds:.0f} s at {args.churn_rate:.0f} req/s"
+                f"{with_hog}")  # fmt: skip
+            result = await churn_scenario(docker, system, layout, rolling, args, loaded)
+            churn.update({f"churn_{m}{'_loaded' if loaded else ''}": r for m, r in result.items()})
+            system.check_alive()
     finally:
         usage = system.stop()
         await docker.stop_all()
@@ -470,8 +745,7 @@ async def run_system(
         "docker_stop_ms": percentiles(samples.docker_stop_ms),
         "samples": len(samples.start_ms),
         "timeouts": samples.timeouts,
-        "churn_http": churn["http"],
-        "churn_tcp": churn["tcp"],
+        **churn,
         "cpu_s": {agent: u["cpu_s"] for agent, u in usage.items()},
         "peak_rss_mb": {agent: u["peak_rss_mb"] for agent, u in usage.items()},
     }
@@ -496,10 +770,17 @@ def table(result: dict[str, Any]) -> str:
             ours, theirs = result.get(key, {}).get(stat), base.get(key, {}).get(stat)
             rows.append(f"{key + ' ' + stat:<30}{ours!s:>12}{theirs!s:>12}"
                         f"{_ratio(theirs, ours):>8}  {goals.get((key, stat), '')}")  # fmt: skip
-    for key in ("churn_http", "churn_tcp"):
+    for key in ("churn_http", "churn_tcp", "churn_http_loaded", "churn_tcp_loaded"):
         ours, theirs = result.get(key, {}), base.get(key, {})
+        if not ours and not theirs:
+            continue
+        goal = "0 proxy" if key.startswith("churn_http") else ""
         rows.append(f"{key + ' failed/total':<30}{_frac(ours):>12}{_frac(theirs):>12}{'':>8}"
-                    f"  {'0' if key == 'churn_http' else ''}")  # fmt: skip
+                    f"  {goal}")  # fmt: skip
+        for part in ("proxy", "client", "server"):
+            rows.append(f"{'  of which ' + part:<30}{ours.get(part, '-')!s:>12}"
+                        f"{theirs.get(part, '-')!s:>12}")  # fmt: skip
+        rows.append(f"{'  client send lag max ms':<30}{_lag(ours):>12}{_lag(theirs):>12}")
     for what in ("cpu_s", "peak_rss_mb"):
         for agent in {**result.get(what, {}), **base.get(what, {})}:
             ours = result.get(what, {}).get(agent, "")
@@ -512,12 +793,17 @@ def _frac(churn: dict[str, Any]) -> str:
     return f"{churn['failed']}/{churn['total']}" if churn else "-"
 
 
+def _lag(churn: dict[str, Any]) -> str:
+    return str(churn.get("lag", {}).get("send_ms", {}).get("max", "-"))
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=50, help="containers started and stopped")
+    parser.add_argument("--samples", type=int, default=50,
+                        help="containers started and stopped (0: churn only)")  # fmt: skip
     parser.add_argument("--lanes", type=int, default=16, help="services the samples rotate over")
     parser.add_argument("--max-gap", type=float, default=5.0, help="seconds between starts, max")
     parser.add_argument("--hold", type=float, default=10.0, help="seconds up, max (random)")
@@ -527,6 +813,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--systems", default="pilotfish,baseline", help="which to run, in order")
     parser.add_argument("--keep-logs", action="store_true", help="keep agents' logs on success")
+    parser.add_argument("--no-haproxy-log", dest="haproxy_log", action="store_false",
+                        help="no request log (failures: proxy or client only)")  # fmt: skip
+    parser.add_argument("--template", help="pilotfish's HAProxy template (to compare one)")
+    parser.add_argument("--internal", action="store_true",
+                        help="pilotfish registers container addresses")  # fmt: skip
+    parser.add_argument("--no-loaded", dest="loaded", action="store_false",
+                        help="skip the churn beside stress-ng --cpu 0 (all cores)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="8 samples over 4 lanes, 2 s gaps and holds, 20 s churn")  # fmt: skip
     args = parser.parse_args()
@@ -539,8 +832,8 @@ def parse_args() -> argparse.Namespace:
 async def bench(engine: Dockerd, etcd_host: str, root: Path, args: argparse.Namespace) -> Any:
     docker = Docker(engine)
     systems = {
-        "pilotfish": lambda: start_pilotfish(engine, etcd_host, root),
-        "baseline": lambda: start_baseline(engine, etcd_host, root),
+        "pilotfish": lambda: start_pilotfish(engine, etcd_host, root, args),
+        "baseline": lambda: start_baseline(engine, etcd_host, root, args.haproxy_log),
     }
     result: dict[str, Any] = {}
     try:

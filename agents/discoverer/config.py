@@ -19,6 +19,12 @@ Choices:
   ordinary in-flight requests.
 - ``option idle-close-on-response`` on HTTP frontends: measured, keep-alive
   clients lose no request across a reload only with it (TCP frontends warn on it).
+- ``timeout connect 250ms``: a server on the local network answers a SYN in
+  well under a millisecond; one that does not within 250 ms (a dying
+  instance, a listener too starved to accept) is retried on another server
+  (``retries`` + ``redispatch``) long before a client gives up. With 5 s,
+  one unanswered SYN cost every request sent to that server (measured in
+  bench/e2e.py and the README).
 - ``balance roundrobin`` and no cookie: servers added at runtime need a
   dynamic algorithm and refuse ``cookie``.
 """
@@ -210,7 +216,7 @@ CONFIG_GRAMMAR = re.compile(
             rf"    (?:user|group) {_ACCOUNT}",
             r"    mode (?:tcp|http)",
             r"    timeout (?:connect|client|server|tunnel|queue|http-request|http-keep-alive) "
-            r"[0-9]+[smh]",
+            r"[0-9]+(?:ms|[smh])",
             r"    retries 3",
             r"    option (?:redispatch|idle-close-on-response)",
             r"listen _stats",
