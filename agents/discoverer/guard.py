@@ -113,9 +113,12 @@ class EmptyPrefixGuard:
             return None
         if not state.instances and cause in HOLD_CAUSES:
             return "wipe" if cause == "wipe" else "relist"
+        # Counting hosts walks every instance: only when most are gone already,
+        # so an ordinary change costs no pass over the whole state.
+        if len(state.instances) * 2 >= len(peak.instances):
+            return None
         lost_hosts = peak.per_host.keys() - state.per_host.keys()
-        most_gone = len(state.instances) * 2 < len(peak.instances)
-        return "mass-loss" if len(lost_hosts) >= 2 and most_gone else None
+        return "mass-loss" if len(lost_hosts) >= 2 else None
 
     def _start_holding(self, cause: HoldCause) -> Mapping[str, Instance]:
         held = self._peak
