@@ -217,6 +217,8 @@ async def test_hostile_drain_keys_and_status_values_hurt_nobody(
                                        *target(docker, settings))  # fmt: skip
             assert code == 0, (out, err)  # no (valid) discoverer serves it: nothing to wait for
             assert "applied by 0 discoverer(s)" in out
+            code, out, err = await cli("drain", "no-such-container", *target(docker, settings))
+            assert code == 2 and "no such container" in err, (out, err)
     warned = {e.get("key", "") for e in logs if e["log_level"] == "warning"}
     assert drain_key(reg_prefix, cid) in warned and f"{prefix}{cid[:12]}" in warned
     assert f"{reg_prefix}/discoverers/evil" in warned
