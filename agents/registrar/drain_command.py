@@ -26,7 +26,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from agents.common.consumers import read_statuses, sessions_left, stragglers
-from agents.common.docker_events import DockerSource, DockerUnavailable
 from agents.common.drains import (
     cancel_drain,
     registrations_of,
@@ -78,6 +77,11 @@ def main(command: str, args: dict[str, Any]) -> int:
 
 
 async def run(command: str, container: str, settings: DrainSettings) -> int:
+    # Imported here, not at the top: agents.cli imports this module for its
+    # parser, and the discoverer and the catalog (systemd DynamicUser, no HOME)
+    # must not import aiodocker, which reads Path.home() at import time.
+    from agents.common.docker_events import DockerSource, DockerUnavailable
+
     docker = DockerSource(settings.docker_host)
     try:
         info = await docker.inspect(container)
