@@ -130,7 +130,7 @@ class Registrar:
             async for item in stream:
                 if isinstance(item, RunningContainers):
                     self._apply_snapshot(item)
-                else:
+                elif isinstance(item, ContainerEvent):
                     self._dispatch(item)
 
     async def close(self) -> None:
