@@ -1,4 +1,4 @@
-"""``pilotfish register``, ``pilotfish discover`` and ``pilotfish catalog``.
+"""``pilotfish register``, ``discover``, ``catalog``, and ``drain`` / ``undrain``.
 
 Flags are generated from the settings models, so a flag, a ``PILOTFISH_*``
 variable and a seed variable (``HOST_IP``, ``ETCD_HOST``, ``DOCKER_HOST``)
@@ -29,6 +29,7 @@ from agents.common.settings import (
     RegistrarSettings,
     UpgraderSettings,
 )
+from agents.registrar import drain_command
 
 COMMANDS: dict[str, tuple[type[CommonSettings], str]] = {
     "register": (RegistrarSettings, "register this host's containers in etcd"),
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (model, help_text) in COMMANDS.items():
         _add_flags(sub.add_parser(command, help=help_text, description=help_text), model)
+    drain_command.add_parsers(sub, _add_flags)
     return parser
 
 
@@ -126,6 +128,8 @@ def preflight(settings: CommonSettings) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    if command in drain_command.COMMANDS:
+        return drain_command.main(command, args)
     try:
         settings = load_settings(command, args)
     except ValidationError as error:

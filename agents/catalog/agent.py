@@ -12,6 +12,7 @@ import asyncio
 
 from aiohttp import web
 
+from agents.catalog.consumers import DiscovererStatuses
 from agents.catalog.hosts import HostClaims
 from agents.catalog.server import CatalogServer, Env
 from agents.catalog.state import ServiceIndex
@@ -41,7 +42,9 @@ async def serve(settings: CatalogSettings, stop: asyncio.Event) -> None:
     sources: dict[str, EtcdSource] = {}
     for prefix in settings.prefixes:
         sources[prefix] = EtcdSource(etcd, prefix)
-        envs[prefix] = Env(ServiceIndex(prefix), HostClaims(etcd, prefix))
+        envs[prefix] = Env(
+            ServiceIndex(prefix), HostClaims(etcd, prefix), DiscovererStatuses(etcd, prefix)
+        )
     server = CatalogServer(envs, etcd_host=settings.etcd_host)
     runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()

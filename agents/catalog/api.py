@@ -128,7 +128,11 @@ class ConsumerOut(_Out):
     applied_revision: int
     behind: int = Field(description="revisions behind the newest one")
     services: tuple[str, ...]
+    serves_all: bool = Field(description="no --services filter: it serves any new service")
     version: str
+    draining: int = Field(description="draining instances it still has as servers")
+    sessions: int = Field(description="sessions left on them")
+    updated_at: datetime
 
 
 class ConsumerList(_Out):

@@ -20,6 +20,7 @@ from prometheus_client import Counter as PromCounter
 from agents.catalog.api import (
     ChangeEvent,
     ConsumerList,
+    ConsumerOut,
     Environment,
     Environments,
     HostList,
@@ -27,6 +28,7 @@ from agents.catalog.api import (
     QuarantineList,
     openapi,
 )
+from agents.catalog.consumers import DiscovererStatuses
 from agents.catalog.hosts import HostClaims
 from agents.catalog.state import ServiceIndex
 from agents.common.logging import describe, get_logger
@@ -56,9 +58,15 @@ def static_dir() -> Path:
 class Env:
     """One environment (prefix): its index, its claims reader, and the wake-up of streams."""
 
-    def __init__(self, index: ServiceIndex, claims: HostClaims | None) -> None:
+    def __init__(
+        self,
+        index: ServiceIndex,
+        claims: HostClaims | None,
+        consumers: DiscovererStatuses | None = None,
+    ) -> None:
         self.index = index
         self.claims = claims
+        self.consumers = consumers
         self.watching: Callable[[], bool] = lambda: True
         self._changed = asyncio.Event()
         self._encoded: dict[int, bytes] = {}
@@ -223,9 +231,28 @@ class CatalogServer:
         return _json(body.model_dump_json(), index.revision)
 
     async def _consumers(self, request: web.Request) -> web.Response:
-        # Discoverers do not publish their status in etcd yet (issue 11).
-        index = self._env(request).index
-        body = ConsumerList(prefix=index.prefix, revision=index.revision, consumers=())
+        env = self._env(request)
+        index = env.index
+        try:
+            statuses = await env.consumers.read() if env.consumers is not None else {}
+        except Exception as error:  # etcd away: an empty list, the rest of the UI goes on
+            log.warning("reading discoverer statuses failed", error=describe(error))
+            statuses = {}
+        rows = tuple(
+            ConsumerOut(
+                id=status.id,
+                applied_revision=status.revision,
+                behind=max(0, index.revision - status.revision),
+                services=status.services,
+                serves_all=status.serves_all,
+                version=status.agent_version,
+                draining=len(status.draining),
+                sessions=sum(status.draining.values()),
+                updated_at=status.updated_at,
+            )
+            for _, status in sorted(statuses.items())
+        )
+        body = ConsumerList(prefix=index.prefix, revision=index.revision, consumers=rows)
         return _json(body.model_dump_json(), index.revision)
 
     async def _quarantined(self, request: web.Request) -> web.Response:

@@ -2,6 +2,9 @@
 
 Key layout:   <prefix>/services/<service>/<host-id>/<container-id>:<private-port>
 Value:        the JSON of :class:`Instance`, with a ``version`` field.
+Also:         <prefix>/discoverers/<id> (:class:`DiscovererStatus`, on the
+              discoverer's lease) and <prefix>/drains/<container-id>
+              (:class:`DrainRequest`, no lease).
 
 The registrar writes only through :func:`instance_key` and
 :meth:`Instance.to_json`; the discoverer reads only through :func:`parse_entry`.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -33,6 +36,7 @@ from agents.common.validation import (
     ATTRIBUTE_VALUE_PATTERN,
     CONTAINER_ID_PATTERN,
     CONTAINER_NAME_PATTERN,
+    FULL_CONTAINER_ID_PATTERN,
     IMAGE_PATTERN,
     MAX_ATTRIBUTES,
     MAX_KEY_BYTES,
@@ -40,7 +44,9 @@ from agents.common.validation import (
     MAX_VALUE_BYTES,
     NAME_PATTERN,
     PREFIX_PATTERN,
+    REASON_PATTERN,
     TAG_PATTERN,
+    VERSION_PATTERN,
 )
 
 __all__ = [
@@ -49,9 +55,18 @@ __all__ = [
     "NAME_PATTERN",
     "PREFIX_PATTERN",
     "TAG_PATTERN",
+    "DiscovererStatus",
+    "DrainRequest",
     "Instance",
     "SchemaError",
+    "discoverer_key",
+    "discoverers_prefix",
+    "drain_key",
+    "drains_prefix",
     "instance_key",
+    "parse_discoverer_status",
+    "parse_drain_key",
+    "parse_drain_request",
     "parse_entry",
     "parse_key",
     "services_prefix",
@@ -208,3 +223,141 @@ def parse_entry(prefix: str, key: bytes | str, value: bytes | str) -> Instance:
     ):
         raise SchemaError(f"key {key_text!r} does not match its value")
     return instance
+
+
+# -- discoverer status: <prefix>/discoverers/<discoverer-id> ------------------------
+#
+# Each discoverer publishes, on its own lease, the etcd revision it has
+# applied to HAProxy, the services it routes and the sessions left on its
+# draining servers. Readers (the upgrader, ``pilotfish drain --wait``, the
+# catalog) parse it only through :func:`parse_discoverer_status`.
+
+# The status of a discoverer routing every service of a big fleet: thousands
+# of names and the draining instances' keys fit; a flood does not.
+MAX_STATUS_BYTES = 256 * 1024
+MAX_STATUS_SERVICES = 4096
+MAX_STATUS_DRAINING = 1024
+MAX_SESSIONS = 10**9
+
+Reason = Annotated[str, StringConstraints(pattern=REASON_PATTERN)]
+FullContainerId = Annotated[str, StringConstraints(pattern=FULL_CONTAINER_ID_PATTERN)]
+AgentVersion = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
+Sessions = Annotated[int, Field(ge=0, le=MAX_SESSIONS)]
+
+
+class DiscovererStatus(BaseModel):
+    """What one discoverer has applied to HAProxy (the value of its status key)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+
+    version: Literal[1] = SCHEMA_VERSION
+    id: Name
+    agent_version: AgentVersion
+    # Every change under <prefix>/services/ at or before this revision that
+    # concerns a served service is applied to HAProxy.
+    revision: int = Field(ge=0)
+    services: tuple[Name, ...] = Field((), max_length=MAX_STATUS_SERVICES)
+    serves_all: bool
+    # Instance key -> sessions HAProxy still has on its server (0: none left).
+    draining: dict[str, Sessions] = Field(default_factory=dict, max_length=MAX_STATUS_DRAINING)
+    updated_at: Timestamp = Field(default_factory=lambda: datetime.now(UTC))
+
+    def serves(self, service: str) -> bool:
+        return self.serves_all or service in self.services
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def discoverers_prefix(prefix: str) -> str:
+    return f"{validate_prefix(prefix)}/discoverers/"
+
+
+def discoverer_key(prefix: str, discoverer_id: str) -> str:
+    return f"{discoverers_prefix(prefix)}{validation.name(discoverer_id, 'discoverer id')}"
+
+
+def parse_discoverer_status(prefix: str, key: bytes | str, value: bytes | str) -> DiscovererStatus:
+    """Parse one status entry; its key must name the id its value carries.
+
+    Raises :class:`SchemaError` with a one-line reason for anything else.
+    """
+    key_text = _key_text(key)
+    discoverer_id = key_text.removeprefix(discoverers_prefix(prefix))
+    if discoverer_id == key_text or not re.fullmatch(NAME_PATTERN, discoverer_id):
+        raise SchemaError(f"key {key_text!r} is not <prefix>/discoverers/<id> ({NAME_PATTERN})")
+    status = _validate(DiscovererStatus, key_text, value, MAX_STATUS_BYTES)
+    if status.id != discoverer_id:
+        raise SchemaError(f"key {key_text!r} does not match its value's id {status.id!r}")
+    for instance in status.draining:
+        try:
+            parse_key(prefix, instance)
+        except SchemaError:
+            raise SchemaError(
+                f"key {key_text!r}: draining: {validation.show(instance)} is not an instance key"
+            ) from None
+    return status
+
+
+# -- drain requests: <prefix>/drains/<container-id> ---------------------------------
+#
+# An operator's (or the upgrader's) request that a container's instances be
+# marked draining. No lease: it stays until undrained, or until the
+# container's registrar finds the container destroyed. Only the key's
+# existence counts; the value says who asked and why.
+
+MAX_DRAIN_BYTES = 1024
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class DrainRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+
+    version: Literal[1] = SCHEMA_VERSION
+    reason: Reason = ""
+    requested_at: Timestamp = Field(default_factory=lambda: datetime.now(UTC))
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def drains_prefix(prefix: str) -> str:
+    return f"{validate_prefix(prefix)}/drains/"
+
+
+def drain_key(prefix: str, container_id: str) -> str:
+    if not re.fullmatch(FULL_CONTAINER_ID_PATTERN, container_id):
+        raise SchemaError(f"container id {validation.show(container_id)} is not 64 hex digits")
+    return f"{drains_prefix(prefix)}{container_id}"
+
+
+def parse_drain_key(prefix: str, key: bytes | str) -> str:
+    """The container id a drain key names; :class:`SchemaError` if it names none."""
+    key_text = _key_text(key)
+    container_id = key_text.removeprefix(drains_prefix(prefix))
+    if container_id == key_text or not re.fullmatch(FULL_CONTAINER_ID_PATTERN, container_id):
+        raise SchemaError(f"key {key_text!r} is not <prefix>/drains/<64 hex container id>")
+    return container_id
+
+
+def parse_drain_request(prefix: str, key: bytes | str, value: bytes | str) -> DrainRequest:
+    parse_drain_key(prefix, key)
+    return _validate(DrainRequest, _key_text(key), value, MAX_DRAIN_BYTES)
+
+
+def _key_text(key: bytes | str) -> str:
+    text = key.decode(errors="replace") if isinstance(key, bytes) else key
+    if len(text) > MAX_KEY_BYTES:
+        raise SchemaError(f"key {text[:80]!r}... is longer than {MAX_KEY_BYTES} bytes")
+    return text
+
+
+def _validate(model: type[_M], key: str, value: bytes | str, limit: int) -> _M:
+    if len(value) > limit:
+        raise SchemaError(f"key {key!r}: value of {len(value)} bytes exceeds {limit}")
+    try:
+        return model.model_validate_json(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "value"
+        raise SchemaError(f"key {key!r}: {where}: {first['msg']}") from None

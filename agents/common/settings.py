@@ -113,6 +113,12 @@ def read_secret(path: str, what: str) -> str:
     return secret
 
 
+def _validate_docker_host(value: str) -> str:
+    if not value.startswith(("unix://", "tcp://", "http://", "https://")):
+        raise ValueError(f"{value!r} must start with unix:// or tcp://")
+    return value
+
+
 def _validate_admin(value: str) -> str:
     if value in ("", "off"):
         return "off"
@@ -257,14 +263,40 @@ class RegistrarSettings(CommonSettings):
     @field_validator("docker_host")
     @classmethod
     def _check_docker(cls, value: str) -> str:
-        if not value.startswith(("unix://", "tcp://", "http://", "https://")):
-            raise ValueError(f"{value!r} must start with unix:// or tcp://")
-        return value
+        return _validate_docker_host(value)
 
     @field_validator("admin_address")
     @classmethod
     def _check_admin(cls, value: str) -> str:
         return _validate_admin(value)
+
+
+class DrainSettings(CommonSettings):
+    """``pilotfish drain`` / ``undrain``: run on the container's host, with the
+    registrar's etcd settings and credentials."""
+
+    docker_host: str = Field(
+        "unix:///var/run/docker.sock",
+        validation_alias=_env("docker_host", "DOCKER_HOST"),
+        description="Docker engine socket (resolves the container's name)",
+    )
+    reason: str = Field("", description="why (shown with the drain request)")
+    wait: bool = Field(
+        False, description="wait until every discoverer serving the container applied it"
+    )
+    timeout: float = Field(30.0, gt=0, le=3600, description="seconds --wait waits at most")
+
+    @field_validator("docker_host")
+    @classmethod
+    def _check_docker(cls, value: str) -> str:
+        return _validate_docker_host(value)
+
+    @field_validator("reason")
+    @classmethod
+    def _check_reason(cls, value: str) -> str:
+        if not re.fullmatch(validation.REASON_PATTERN, value):
+            raise ValueError(f"must match {validation.REASON_PATTERN}")
+        return value
 
 
 class DiscovererSettings(CommonSettings):
@@ -318,11 +350,30 @@ class DiscovererSettings(CommonSettings):
     admin_address: str = Field(
         "127.0.0.1:9102", description="host:port for /healthz and /metrics, or off"
     )
+    publish_status: bool = Field(
+        True, description="publish what is applied to HAProxy at <prefix>/discoverers/<id>"
+    )
+    discoverer_id: str = Field(
+        "", description="this discoverer's id in its status key (default: <hostname>-<admin port>)"
+    )
+    status_interval: float = Field(
+        0.2, gt=0, le=60, description="minimum seconds between two status key writes"
+    )
+    status_ttl: int = Field(
+        10, ge=2, le=300, description="TTL of the status key's lease (kept alive every TTL/3)"
+    )
 
     @field_validator("admin_address")
     @classmethod
     def _check_admin(cls, value: str) -> str:
         return _validate_admin(value)
+
+    @field_validator("discoverer_id")
+    @classmethod
+    def _check_discoverer_id(cls, value: str) -> str:
+        if value and not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError(f"must match {NAME_PATTERN}")
+        return value
 
     @field_validator("stats_address")
     @classmethod

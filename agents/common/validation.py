@@ -21,6 +21,12 @@ ATTRIBUTE_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 # Attribute values never reach HAProxy; they are shown in logs and admin pages.
 ATTRIBUTE_VALUE_PATTERN = r"^[A-Za-z0-9_.:/@+=,%-]{0,255}$"
 CONTAINER_ID_PATTERN = r"^[0-9a-f]{12,64}$"
+# A drain request names one container by its full id (no prefix ambiguity).
+FULL_CONTAINER_ID_PATTERN = r"^[0-9a-f]{64}$"
+# Free text an operator gives (a drain's reason): shown, never sent to HAProxy.
+REASON_PATTERN = r"^[A-Za-z0-9 _.:/@+=,%()-]{0,128}$"
+# pilotfish's own version string (PEP 440 / semver-like).
+VERSION_PATTERN = r"^[A-Za-z0-9_.+-]{1,64}$"
 CONTAINER_NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,127})?$"
 IMAGE_PATTERN = r"^[A-Za-z0-9_.:/@+-]{0,255}$"
 PREFIX_PATTERN = r"^(/[A-Za-z0-9_.-]+)+$"

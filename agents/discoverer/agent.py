@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -26,13 +27,20 @@ from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.prefix_source import EtcdSource, source_metrics
 from agents.common.prefix_state import Snapshot
 from agents.common.quarantine import Quarantine
+from agents.common.schema import Instance
 from agents.common.settings import DiscovererSettings
 from agents.common.systemd import notify, watchdog_loop
 from agents.discoverer.guard import EmptyPrefixGuard
 from agents.discoverer.metrics import AgentMetrics, agent_metrics, new_metrics
 from agents.discoverer.model import Catalog, CatalogBuilder, Conflict, ListenRules
+from agents.discoverer.status import SessionReader as HaproxySinkLike
+from agents.discoverer.status import StatusPublisher, default_discoverer_id
 
 log = get_logger("pilotfish.discoverer")
+
+# Told after each successful apply of a live state: (its etcd revision, its
+# instances, the catalog now in HAProxy). The status publisher listens.
+OnApplied = Callable[[int, Mapping[str, Instance], Catalog], None]
 
 # Registration latency is only meaningful for fresh registrations; an old
 # registered_at (a re-put after a lease loss) would pollute the histogram.
@@ -73,8 +81,10 @@ class Discoverer:
         sink: Sink,
         rules: ListenRules | None = None,
         metrics: AgentMetrics | None = None,
+        on_applied: OnApplied | None = None,
     ) -> None:
         self.settings = settings
+        self.on_applied = on_applied
         # A private registry unless serve() passes the agent's.
         self.metrics = metrics or agent_metrics(CollectorRegistry())
         self.source = source
@@ -166,7 +176,7 @@ class Discoverer:
         self._built_live = live
         catalog, conflicts = self.builder.build(instances, changed, self.guard.created)
         self._log_conflicts(conflicts)
-        await self._apply_until_done(catalog)
+        done = await self._apply_until_done(catalog)
         self._quarantine_refused_by_haproxy()
         self.catalog = catalog
         self.served = sum(len(s.servers) for s in catalog.values())
@@ -175,8 +185,13 @@ class Discoverer:
         self.metrics.batches.inc()
         if not replay:
             self._observe(snapshot)
+        # Only a live state counts as applied at its revision: held (guarded)
+        # servers are not what etcd says, and a failed apply applied nothing.
+        if done and live and self.on_applied is not None:
+            self.on_applied(snapshot.revision, snapshot.instances, catalog)
 
-    async def _apply_until_done(self, catalog: Catalog) -> None:
+    async def _apply_until_done(self, catalog: Catalog) -> bool:
+        """Apply ``catalog``; False if given up for a newer state (not applied)."""
         # HAProxy may be restarting: retry with backoff, but never hold on to
         # a catalog once a newer state is waiting: that one is applied instead
         # (it holds every change), so nothing can stall the updates behind it.
@@ -204,13 +219,13 @@ class Discoverer:
                     )
                 await self.source.wait_for_changes(backoff.next_delay())
                 if self.source.pending:
-                    return
+                    return False
                 continue
             if self.last_apply_error is not None:
                 held = self._quiet.clear("apply")
                 log.info("HAProxy updated again", retries=held + 1)
                 self.last_apply_error = None
-            return
+            return True
 
     async def _supervise(self) -> None:
         try:
@@ -280,16 +295,32 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
         etcd, settings.prefix, metrics=source_metrics(registry, "pilotfish_discoverer")
     )
     sink = HaproxySink(settings, new_metrics(registry))
-    discoverer = Discoverer(settings, source, sink, metrics=agent_metrics(registry))
-    admin = AdminServer(settings.admin_address, discoverer.health, registry)
+    publisher = _status_publisher(settings, etcd, sink)
+    discoverer = Discoverer(
+        settings,
+        source,
+        sink,
+        metrics=agent_metrics(registry),
+        on_applied=publisher.applied if publisher else None,
+    )
+
+    def health() -> tuple[bool, dict[str, object]]:
+        ok, details = discoverer.health()
+        if publisher is not None:  # informational: routing does not depend on it
+            details["status"] = publisher.status()
+        return ok, details
+
+    admin = AdminServer(settings.admin_address, health, registry)
     log.info(
         "discoverer starting",
         etcd=etcd.target,
         prefix=settings.prefix,
         services=sorted(settings.service_filter) or "all",
+        status_key=publisher.key if publisher else None,
     )
     await admin.start()
     loop = asyncio.create_task(discoverer.run(), name="discoverer")
+    status = asyncio.create_task(_publish(publisher), name="status")
     # Not discoverer.health(): an empty-prefix alarm must not get us restarted
     # (we hold the last known servers on purpose); a stuck loop or a dead HAProxy must.
     watchdog = asyncio.create_task(
@@ -301,9 +332,9 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
         if loop.done() and not stop.is_set():
             loop.result()  # the loop only ends by failing: raise its error
     finally:
-        for task in (loop, watchdog, stopping):
+        for task in (loop, watchdog, stopping, status):
             task.cancel()
-        await asyncio.gather(loop, watchdog, stopping, return_exceptions=True)
+        await asyncio.gather(loop, watchdog, stopping, status, return_exceptions=True)
         # Always: start() may have been cancelled after HAProxy was already up.
         try:
             await sink.close(stop_haproxy=settings.stop_haproxy_on_exit)
@@ -312,3 +343,34 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
         await admin.stop()
         await etcd.close()
         log.info("discoverer stopped", haproxy_left_running=not settings.stop_haproxy_on_exit)
+
+
+def _status_publisher(
+    settings: DiscovererSettings, etcd: Etcd, sink: HaproxySinkLike
+) -> StatusPublisher | None:
+    if not settings.publish_status:
+        return None
+    discoverer_id = settings.discoverer_id or default_discoverer_id(
+        socket.gethostname(), settings.admin_address, settings.stats_address
+    )
+    return StatusPublisher(
+        etcd,
+        settings.prefix,
+        discoverer_id,
+        service_filter=settings.service_filter,
+        haproxy=sink,
+        interval=settings.status_interval,
+        ttl=settings.status_ttl,
+    )
+
+
+async def _publish(publisher: StatusPublisher | None) -> None:
+    """The status key, apart from routing: whatever happens to it, routing goes on."""
+    if publisher is None:
+        return
+    try:
+        await publisher.run()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("discoverer status publishing stopped")

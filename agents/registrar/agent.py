@@ -37,6 +37,7 @@ from agents.common.etcd import Etcd
 from agents.common.logging import describe, get_logger
 from agents.common.settings import RegistrarSettings
 from agents.common.systemd import notify, watchdog_loop
+from agents.registrar.drain_watch import DrainWatch, gone_drains
 from agents.registrar.etcd_sink import EtcdSink, SinkHooks
 from agents.registrar.host_claim import HostClaim
 from agents.registrar.identity import Engine, Holder, default_host_id
@@ -111,11 +112,18 @@ class Registrar:
         docker: DockerSource,
         sink: EtcdSink,
         metrics: Metrics,
+        drains: DrainWatch | None = None,
     ) -> None:
         self.settings = settings
         self.docker = docker
         self.sink = sink
         self.metrics = metrics
+        # Drain requests in etcd (pilotfish drain): their containers register draining.
+        self.drains = drains
+        # Containers seen on this host by this process (their drain requests are
+        # deleted when Docker no longer knows them).
+        self._known: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         # Bumped on every snapshot: a lane that inspected before it is stale.
         self.generation = 0
         self._lanes: dict[str, asyncio.Task[None]] = {}
@@ -126,6 +134,10 @@ class Registrar:
     # --- the event loop ---------------------------------------------------------------
 
     async def run(self) -> None:
+        if self.drains is not None:
+            # Drained containers must never be registered up first (a restart
+            # would route new connections to them for a moment).
+            await self.drains.loaded.wait()
         async with contextlib.aclosing(self.docker.stream()) as stream:
             async for item in stream:
                 if isinstance(item, RunningContainers):
@@ -134,7 +146,7 @@ class Registrar:
                     self._dispatch(item)
 
     async def close(self) -> None:
-        lanes = list(self._lanes.values())
+        lanes = [*self._lanes.values(), *self._background]
         for lane in lanes:
             lane.cancel()
         await asyncio.gather(*lanes, return_exceptions=True)
@@ -147,6 +159,7 @@ class Registrar:
             )
             self._docker_outages = self.docker.reconnects
         running = {c.id for c in snapshot.containers}
+        self._known |= running
         self._draining &= running
         for gone in set(self._refusals_logged) - running:
             del self._refusals_logged[gone]
@@ -157,8 +170,40 @@ class Registrar:
             containers=len(snapshot.containers),
             registrations=len(self.sink.desired),
         )
+        self._in_background(self._delete_gone_drains(running))
+
+    # --- drain requests ----------------------------------------------------------------
+
+    def drain_changed(self, container_id: str) -> None:
+        """A drain request of ``container_id`` came or went: look at it again, in its lane."""
+        if container_id in self._known or self.sink.instances_of(container_id):
+            self._dispatch(ContainerEvent(INSPECT, container_id, time.time_ns(), {}))
+
+    def _drain_requested(self, container_id: str) -> bool:
+        return self.drains is not None and container_id in self.drains.requested
+
+    async def _delete_gone_drains(self, running: set[str]) -> None:
+        """Delete the drain requests of this host's containers that were destroyed."""
+        if self.drains is None:
+            return
+        await self.sink.synced.wait()  # the containers it found in etcd are known then
+        known = self._known | self.sink.containers_found
+        candidates = {c for c in self.drains.requested if c in known and c not in running}
+        exists = {}
+        for container_id in sorted(candidates):
+            with contextlib.suppress(DockerUnavailable):
+                exists[container_id] = await self.docker.inspect(container_id) is not None
+        await self.drains.delete(gone_drains(self.drains.requested, known, exists))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- events -----------------------------------------------------------------------
 
     def _dispatch(self, event: ContainerEvent) -> None:
+        self._known.add(event.container_id)
         self.metrics.events.labels(event.action).inc()
         previous = self._lanes.get(event.container_id)
         lane = asyncio.create_task(self._in_lane(previous, event, self.generation))
@@ -206,6 +251,10 @@ class Registrar:
                 self._draining.discard(container_id)
                 self._refusals_logged.pop(container_id, None)
             self.sink.set_container(container_id, [], event.time_ns)
+            if event.action == "destroy":
+                if self.drains is not None and container_id in self.drains.requested:
+                    self._in_background(self.drains.delete([container_id]))
+                self._known.discard(container_id)
 
     async def _drain(self, container_id: str, since_ns: int) -> None:
         self._draining.add(container_id)
@@ -219,7 +268,8 @@ class Registrar:
     def _desired(self, container: ContainerInfo) -> list[Any]:
         instances, refusals = desired_instances(container, self.settings, datetime.now(UTC))
         self._log_refusals(container.id, refusals)
-        if container.id in self._draining and container.state == "running":
+        drained = container.id in self._draining or self._drain_requested(container.id)
+        if drained and container.state == "running":
             return draining(instances)
         return instances
 
@@ -272,6 +322,10 @@ class Registrar:
             },
             "registrations": len(self.sink.desired),
             "pending_writes": self.sink.backlog,
+            "drain_requests": {
+                "count": len(self.drains.requested) if self.drains else 0,
+                "error": self.drains.error if self.drains else "",
+            },
             # Refused one by one: the rest of the host is not held up by them.
             "quarantined": self.quarantined()[:MAX_LISTED],
         }
@@ -363,6 +417,10 @@ async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
             claim=_host_claim(etcd, settings, engine).make,
         )
         registrar = Registrar(settings, docker, sink, metrics)
+        drains = DrainWatch(
+            etcd, settings.prefix, registrar.drain_changed, lambda _e: metrics.etcd_errors.inc()
+        )
+        registrar.drains = drains
         admin = AdminServer(settings.admin_address, registrar.health, metrics.registry)
         await admin.start()
         log.info(
@@ -377,6 +435,7 @@ async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
             await _until_stopped(
                 stop,
                 sink.run(),
+                drains.run(),
                 registrar.run(),
                 _ready_when_synced(sink),
                 watchdog_loop(lambda: registrar.health()[0]),

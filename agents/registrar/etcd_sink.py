@@ -41,16 +41,17 @@ from agents.common.etcd import (
     is_lease_not_found,
     is_refused_for_good,
 )
+from agents.common.lease import LeaseKeeper
 from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.schema import (
     Instance,
     SchemaError,
     instance_key,
     parse_entry,
+    parse_key,
     services_prefix,
 )
 from agents.registrar.key_watch import KeyWatches
-from agents.registrar.lease import LeaseKeeper
 from agents.registrar.ownership import Change, Ownership
 from agents.registrar.reconcile import WritePlan, owned_by, reconcile
 
@@ -120,6 +121,9 @@ class EtcdSink:
         self.last_error = ""
         self.failing = False
         self.synced = asyncio.Event()  # the first full reconcile with etcd is done
+        # Containers this host had keys of in etcd (at a full sync): ours even
+        # if they are gone by now (the drain requests of destroyed ones are deleted).
+        self.containers_found: set[str] = set()
         self.ownership = Ownership()
         self.watches = KeyWatches(
             etcd,
@@ -277,6 +281,7 @@ class EtcdSink:
         for item in items:
             key = item.key.decode(errors="replace")
             if owned_by(self.prefix, key, self.host_id):
+                self.containers_found.add(parse_key(self.prefix, key)[2])
                 found[key] = item.value if item.lease == lease else None
                 revisions[key] = item.value, item.mod_revision
                 self._adopt_registered_at(key, item.value)

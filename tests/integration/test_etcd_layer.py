@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from agents.common.etcd import Etcd, EtcdError
+from agents.common.lease import LeaseKeeper
 from agents.common.settings import CommonSettings
-from agents.registrar.lease import LeaseKeeper
 from tests.conftest import ETCD_PASSWORD, ETCD_USER
 from tests.stack import Etcd as EtcdServer
 from tests.stack import make_tls_files

@@ -269,10 +269,11 @@ async function renderConsumers(view) {
   if (currentRoute().page !== "consumers") return;
   const content = body.consumers.length
     ? el("table", { id: "consumers" },
-        el("thead", {}, el("tr", {}, ["Discoverer", "Applied revision", "Behind", "Services", "Version"].map((h) => el("th", {}, h)))),
+        el("thead", {}, el("tr", {}, ["Discoverer", "Applied revision", "Behind", "Services", "Draining", "Sessions", "Version"].map((h) => el("th", {}, h)))),
         el("tbody", {}, body.consumers.map((c) => el("tr", {},
           el("td", {}, c.id), el("td", { class: "num" }, c.applied_revision), el("td", { class: "num" }, c.behind),
-          el("td", {}, c.services.join(", ")), el("td", {}, c.version)))))
+          el("td", {}, c.serves_all ? `all (${c.services.length} now)` : c.services.join(", ")),
+          el("td", { class: "num" }, c.draining), el("td", { class: "num" }, c.sessions), el("td", {}, c.version)))))
     : el("p", { class: "muted", id: "no-consumers" }, "No discoverer publishes its status in this environment yet.");
   view.replaceChildren(el("h1", {}, "Consumers"), content);
 }

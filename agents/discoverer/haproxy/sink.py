@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from agents.discoverer.haproxy.master import Master
 from agents.discoverer.haproxy.options import render_options
 from agents.discoverer.haproxy.refusals import bind_error, culprits, main_alert
 from agents.discoverer.haproxy.runtime import ADMIN_PROMPT, CLI_ERRORS, HaproxyError, RuntimeClient
-from agents.discoverer.haproxy.state import parse_sessions, parse_state
+from agents.discoverer.haproxy.state import parse_all_sessions, parse_sessions, parse_state
 from agents.discoverer.metrics import SinkMetrics, new_metrics
 from agents.discoverer.model import Catalog, Service
 from agents.discoverer.plan import (
@@ -198,6 +198,30 @@ class HaproxySink:
     @property
     def worker_pid(self) -> int | None:
         return self._worker_pid
+
+    @property
+    def settled(self) -> bool:
+        """Everything handed to :meth:`apply` is in HAProxy: no reload pending or
+        running, the view in sync (a failed command is resynced first), HAProxy up."""
+        return (
+            self._started
+            and not self._stale
+            and not self._reload_wanted.is_set()
+            and not self._reloading
+            and self.master.alive()
+        )
+
+    async def sessions(self, servers: Collection[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """(backend, server) -> its current sessions + queued requests (0: gone).
+
+        One `show stat <backend> 4 -1` per backend, pipelined on the admin socket.
+        """
+        backends = sorted({backend for backend, _ in servers})
+        lines = [cmd.show_stat_servers(backend) for backend in backends]
+        answers = await self.admin.read(lines)
+        self._count(lines)
+        by_backend = {b: parse_all_sessions(a) for b, a in zip(backends, answers, strict=True)}
+        return {(b, s): by_backend[b].get(s, 0) for b, s in servers}
 
     def refused(self) -> dict[tuple[str, str | None], str]:
         """(service, server; None: its listener) -> why HAProxy could not take it."""

@@ -68,10 +68,21 @@ def parse_state(show_stat: str, servers_state: str) -> Catalog:
 
 def parse_sessions(show_stat: str, server: str) -> int:
     """Current sessions + queued requests of ``server`` in a `show stat <be> 4 -1` answer."""
+    return parse_all_sessions(show_stat).get(server, 0)
+
+
+def parse_all_sessions(show_stat: str) -> dict[str, int]:
+    """Server name -> current sessions + queued requests, from a `show stat <be> 4 -1` answer."""
     lines = show_stat.splitlines()
     if not lines or not lines[0].startswith("# "):
-        return 0
+        return {}
+    sessions: dict[str, int] = {}
     for row in csv.DictReader([lines[0][2:], *lines[1:]]):
-        if row.get("svname") == server:
-            return int(row.get("scur") or 0) + int(row.get("qcur") or 0)
-    return 0
+        name = row.get("svname")
+        if name and name not in ("FRONTEND", "BACKEND"):
+            sessions[name] = _count(row.get("scur")) + _count(row.get("qcur"))
+    return sessions
+
+
+def _count(field: str | None) -> int:
+    return int(field) if field and field.isdigit() else 0

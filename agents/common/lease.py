@@ -1,6 +1,7 @@
-"""The registrar's one lease, kept alive at TTL/3 and replaced when lost.
+"""An agent's one lease, kept alive at TTL/3 and replaced when lost.
 
-A refresh of an expired lease returns TTL 0, it does not raise: that is how
+The registrar puts every key of its host on one; a discoverer puts its status
+key on its own. A refresh of an expired lease returns TTL 0, it does not raise: that is how
 a lease lost while etcd or this process was away is noticed.
 """
 
