@@ -23,11 +23,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from agents.common.consumers import read_statuses
+from agents.common.drains import (
+    Registrations,
+    cancel_drain,
+    registrations_of,
+    request_drain,
+    revisions_to_apply,
+)
 from agents.common.etcd import Etcd, EtcdError
 from agents.common.logging import describe, get_logger
-from agents.common.schema import SchemaError, parse_key
+from agents.common.schema import State
 from agents.common.settings import UpgraderSettings
-from agents.upgrader import peers
+from agents.registrar.drain_command import Progress, progress_of
 from agents.upgrader.docker import DockerRefused, Engine, container_of
 from agents.upgrader.plan import (
     NEXT_SUFFIX,
@@ -48,6 +56,7 @@ DISCARD_STOP_TIMEOUT = 5
 # How long an undrain waits for the discoverers before the copy that served
 # meanwhile goes; and how long it keeps retrying etcd.
 UNDRAIN_WITHIN = 15.0
+DRAIN_REASON = "pilotfish upgrade"
 
 
 class StepFailed(Exception):
@@ -135,14 +144,11 @@ class Replacer:
         drained = False
         try:
             await self.engine.start(new_id)
-            await self._wait_ready(new_id, expect_keys=bool(await self._keys(old.id)))
+            await self._wait_ready(new_id, expect_keys=bool(await self._registrations(old.id)))
             await self._wait_routed(new_id, self.settings.route_timeout, "route to the new copy")
-            before = await self._keys(old.id) or {}
-            await self._call_etcd(
-                peers.request_drain(self.etcd, self.prefix, old.id, "pilotfish upgrade")
-            )
+            await self._call_etcd(request_drain(self.etcd, self.prefix, old.id, DRAIN_REASON))
             drained = True
-            await self._wait_drained(old.id, before)
+            await self._wait_drained(old.id)
             await self.engine.stop(old.id)
         except (StepFailed, DockerRefused, EtcdError) as error:
             await self._undo(old.id, drained, discard)
@@ -213,7 +219,7 @@ class Replacer:
             if new.health == "unhealthy":
                 raise StepFailed("the new copy is unhealthy")
             ready = new.running and new.health in ("none", "healthy")
-            if ready and (not expect_keys or await self._keys(new_id)):
+            if ready and (not expect_keys or await self._registered(new_id)):
                 return
             if time.monotonic() > deadline:
                 what = "healthy" if new.health != "healthy" else "registered in etcd"
@@ -222,39 +228,37 @@ class Replacer:
             await asyncio.sleep(POLL * 2)
 
     async def _wait_routed(self, container_id: str, within: float, what: str) -> None:
-        """Every live discoverer serving the container's services applied its keys."""
+        """Every live discoverer serving the container's services routes to it (state up)."""
         deadline = time.monotonic() + within
-        late: list[str] | None = None
+        progress: Progress | None = None
         while True:
-            keys = await self._keys(container_id)
-            if keys is not None:
-                late = await self._stragglers(keys)
-                if late == []:
-                    return
+            progress = await self._progress(container_id, "up")
+            if progress is not None and progress.done:
+                return
             if time.monotonic() > deadline:
-                raise StepFailed(f"{what}: not applied within {within:g}s by {late or 'etcd'}")
+                late = progress.waiting_for() if progress else f"etcd: {self.etcd_error}"
+                raise StepFailed(f"{what}: not applied within {within:g}s: {late}")
             await asyncio.sleep(POLL)
 
-    async def _wait_drained(self, old_id: str, before: dict[str, int]) -> None:
+    async def _wait_drained(self, old_id: str) -> None:
         """The drain is applied everywhere and the old copy's connections are done.
 
         Bounded by ``--drain-timeout``: past it the old copy is stopped anyway
         (the new one is routed everywhere by now), and whoever lagged is named.
         """
         deadline = time.monotonic() + self.settings.drain_timeout
-        waiting_for = "the registrar"
+        progress: Progress | None = None
         while time.monotonic() < deadline:
-            keys = await self._keys(old_id)
-            if keys is not None:
-                # Rewritten as draining by the registrar (or gone: withdrawn).
-                rewritten = all(keys.get(k, r + 1) > r for k, r in before.items())
-                if rewritten:
-                    late = await self._stragglers(keys)
-                    sessions = await self._sessions(keys)
-                    if late == [] and sessions == {}:
-                        return
-                    waiting_for = f"discoverers {late}" if late else f"sessions {sessions}"
+            progress = await self._progress(old_id, "draining")
+            if progress is not None and progress.done and not progress.sessions:
+                return
             await asyncio.sleep(POLL)
+        if progress is None:
+            waiting_for = f"etcd: {self.etcd_error}"
+        elif progress.done:
+            waiting_for = f"sessions left: {progress.sessions}"
+        else:
+            waiting_for = progress.waiting_for()
         log.warning(
             "drain not complete within the drain timeout, stopping anyway",
             container=old_id[:12],
@@ -262,38 +266,36 @@ class Replacer:
             drain_timeout=self.settings.drain_timeout,
         )
 
-    async def _keys(self, container_id: str) -> dict[str, int] | None:
-        """The container's instance keys (key -> mod revision); None if etcd did not answer."""
+    async def _registrations(self, container_id: str) -> Registrations | None:
+        """The container's instances in etcd; None if etcd did not answer."""
         try:
-            keys = await peers.instance_keys_of(self.etcd, self.prefix, container_id)
+            found = await registrations_of(self.etcd, self.prefix, container_id)
         except EtcdError as error:
             self.etcd_error = describe(error)
             return None
         self.etcd_error = ""
-        return keys
+        return found
 
-    async def _stragglers(self, keys: dict[str, int]) -> list[str] | None:
+    async def _registered(self, container_id: str) -> bool:
+        found = await self._registrations(container_id)
+        return bool(found) and revisions_to_apply(found or {}, "up") is not None
+
+    async def _progress(self, container_id: str, state: State) -> Progress | None:
+        """How far every discoverer got with the container's instances in ``state``.
+
+        A container with no registration has nothing to wait for.
+        """
+        found = await self._registrations(container_id)
+        if found is None:
+            return None
         try:
-            statuses = await peers.read_statuses(self.etcd, self.prefix)
+            statuses = await read_statuses(self.etcd, self.prefix)
         except EtcdError as error:
             self.etcd_error = describe(error)
             return None
-        late: set[str] = set()
-        for key, revision in keys.items():
-            try:
-                service = parse_key(self.prefix, key)[0]
-            except SchemaError:
-                continue
-            late.update(peers.stragglers(statuses, service, revision))
-        return sorted(late)
-
-    async def _sessions(self, keys: dict[str, int]) -> dict[str, int] | None:
-        try:
-            statuses = await peers.read_statuses(self.etcd, self.prefix)
-        except EtcdError as error:
-            self.etcd_error = describe(error)
-            return None
-        return peers.sessions_left(statuses, keys)
+        if not found:
+            return Progress(rewritten=True, revisions={}, behind={}, sessions={})
+        return progress_of(revisions_to_apply(found, state), statuses, sorted(found))
 
     # --- etcd calls that must happen ------------------------------------------------------
 
@@ -320,7 +322,7 @@ class Replacer:
         deadline = time.monotonic() + UNDRAIN_WITHIN
         while True:
             try:
-                await peers.cancel_drain(self.etcd, self.prefix, container_id)
+                await cancel_drain(self.etcd, self.prefix, container_id)
                 return
             except EtcdError as error:
                 self.etcd_error = describe(error)
