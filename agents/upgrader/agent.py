@@ -86,14 +86,20 @@ class Upgrader:
         self._registry_quiet = OnceEvery(300.0)
         self._wake = asyncio.Event()
         self._triggers: set[str] = set()
+        self._lanes: dict[str, asyncio.Task[list[Outcome]]] = {}
 
     # --- one pass ---------------------------------------------------------------------------
 
-    async def run_pass(self, *, dry_run: bool = False) -> list[Outcome]:
-        """Recover, decide, replace. Raises DockerUnavailable when Docker is away."""
+    async def run_pass(self, *, dry_run: bool = False, wait: bool = True) -> list[Outcome]:
+        """Recover, decide, replace. Raises DockerUnavailable when Docker is away.
+
+        Each lane (the copies of one image) is a task of its own: with
+        ``wait=False`` (the daemon) the pass returns once they are started, a
+        lane still busy is left alone, and a lane that ends asks for a pass.
+        """
         containers = [container_of(doc) for doc in await self.engine.all_containers()]
         outcomes: list[Outcome] = []
-        recoveries = plan.recover(containers)
+        recoveries = [r for r in plan.recover(containers) if r.base not in self.in_progress]
         if dry_run:
             for recovery in recoveries:
                 print(f"would {recovery.kind.replace('_', ' ')} {recovery.base}: {recovery.reason}")
@@ -102,7 +108,8 @@ class Upgrader:
                 outcomes.append(await self._recover(recovery))
             if recoveries:
                 containers = [container_of(doc) for doc in await self.engine.all_containers()]
-        decisions = await self._decide(containers, dry_run=dry_run)
+        busy = [c for c in containers if plan.lane_of(c) in self._lanes]
+        decisions = await self._decide([c for c in containers if c not in busy], dry_run=dry_run)
         if dry_run:
             for decision in decisions:
                 verb = {"upgrade": "would upgrade", "current": "current"}.get(
@@ -114,10 +121,29 @@ class Upgrader:
         for decision in decisions:
             if decision.verdict == "upgrade":
                 lanes.setdefault(plan.lane_of(decision.container), []).append(decision)
-        results = await asyncio.gather(*(self._lane(lane) for lane in lanes.values()))
-        for lane_outcomes in results:
-            outcomes.extend(lane_outcomes)
+        tasks = [self._start_lane(lane, queued) for lane, queued in lanes.items()]
+        if wait:
+            for lane_outcomes in await asyncio.gather(*tasks):
+                outcomes.extend(lane_outcomes)
         return outcomes
+
+    def _start_lane(self, lane: str, decisions: list[plan.Decision]) -> asyncio.Task[list[Outcome]]:
+        task = asyncio.create_task(self._lane(decisions))
+        self._lanes[lane] = task
+
+        def done(_task: asyncio.Task[list[Outcome]]) -> None:
+            self._lanes.pop(lane, None)
+            self.trigger("lane done")  # what changed meanwhile in this lane
+
+        task.add_done_callback(done)
+        return task
+
+    async def close(self) -> None:
+        """Stop the lanes (an upgrade cut short is finished or undone at the next start)."""
+        lanes = list(self._lanes.values())
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
 
     async def _decide(
         self, containers: list[plan.Container], *, dry_run: bool
@@ -190,7 +216,14 @@ class Upgrader:
     async def _lane(self, decisions: list[plan.Decision]) -> list[Outcome]:
         outcomes = []
         for decision in decisions:
-            outcomes.append(await self._replace(decision))
+            try:
+                outcomes.append(await self._replace(decision))
+            except (DockerUnavailable, EtcdError) as error:
+                # Not the image's fault: Docker's state tells the next pass what to finish.
+                name = decision.container.name
+                log.warning("upgrade interrupted", container=name, error=describe(error))
+                outcomes.append(Outcome(name, "interrupted", describe(error)))
+                break
         return outcomes
 
     async def _replace(self, decision: plan.Decision) -> Outcome:
@@ -295,7 +328,7 @@ class Upgrader:
             for trigger in triggers:
                 self.metrics.passes.labels(trigger).inc()
             try:
-                await self.run_pass()
+                await self.run_pass(wait=False)
                 self.last_pass_error = ""
                 backoff.reset()
                 if quiet.clear("pass"):
@@ -353,6 +386,7 @@ async def serve(settings: UpgraderSettings, stop: asyncio.Event) -> int:
         try:
             await _until_stopped(stop, upgrader.watch_docker(), upgrader.tick(), upgrader.work())
         finally:
+            await upgrader.close()
             await admin.stop()
     log.info("upgrader stopped")
     return 0
@@ -368,7 +402,7 @@ async def _one_pass(upgrader: Upgrader, *, dry_run: bool) -> int:
 
 
 def _code(outcomes: Iterable[Outcome]) -> int:
-    return 1 if any(o.result == "failed" for o in outcomes) else 0
+    return 1 if any(o.result in ("failed", "interrupted") for o in outcomes) else 0
 
 
 def run(settings: UpgraderSettings) -> int:

@@ -225,7 +225,7 @@ class Replacer:
                 what = "healthy" if new.health != "healthy" else "registered in etcd"
                 within = self.settings.health_timeout
                 raise StepFailed(f"the new copy was not {what} within {within:g}s")
-            await asyncio.sleep(POLL * 2)
+            await asyncio.sleep(POLL)
 
     async def _wait_routed(self, container_id: str, within: float, what: str) -> None:
         """Every live discoverer serving the container's services routes to it (state up)."""

@@ -9,6 +9,7 @@ serving copy.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from upgrader_kit import (
     SLOW_HEALTH,
     Load,
     World,
+    admin_get,
     eventually,
     make_version,
     point_tag,
@@ -125,3 +127,24 @@ async def test_pull_upgrades_when_the_registry_digest_moved(
     assert svc.image_of(name) == v2 == image_id(world.engine, remote)
     still = await world.upgrade_once("--once", "--pull")
     assert still.returncode == 0 and "pulling" not in still.stderr, still.stderr
+
+
+async def test_a_frozen_docker_is_reported_and_the_upgrader_resyncs(world: World) -> None:
+    """dockerd stops answering: /healthz says so; once back, a moved tag is upgraded."""
+    svc = service(world, "frz")
+    make_version(world, svc, "v1")
+    new_image = make_version(world, svc, "v2")
+    point_tag(world, svc, "v1")
+    name = svc.run()
+    _upgrader, admin = world.start_upgrader()
+    await eventually(lambda: admin_get(admin, "/healthz")[0] == 200, 30, "healthy")
+    world.engine.kill(signal.SIGSTOP)
+    try:
+        # /_ping every 5 s, each with a 5 s deadline.
+        await eventually(lambda: admin_get(admin, "/healthz")[0] == 503, 20, "reported")
+        assert "_ping" in admin_get(admin, "/healthz")[1]
+    finally:
+        world.engine.kill(signal.SIGCONT)
+    await eventually(lambda: admin_get(admin, "/healthz")[0] == 200, 30, "reconnected")
+    point_tag(world, svc, "v2")
+    await eventually(lambda: svc.runs(name, new_image), 60, "upgraded after the outage")
