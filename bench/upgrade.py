@@ -32,6 +32,7 @@ import contextlib
 import json
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -219,7 +220,9 @@ class Bench:
 
         loads, took = await self.under_load(upgrade)
         agent.stop()
-        return _figures(loads, upgrade_s=round(took, 2))
+        figures = _figures(loads, upgrade_s=round(took, 2))
+        figures["steps_s"] = steps_of(agent.log_path)
+        return figures
 
     async def baseline_run(self, version: str) -> dict[str, Any]:
         """Watchtower's method: stop, remove, run the new image under the same name."""
@@ -267,6 +270,24 @@ class Bench:
             "rollback_total": figures["total_http"] + figures["total_tcp"],
             "rollback": figures,
         }
+
+
+STEPS = ("started", "ready", "routed", "drained", "stopped", "renamed")
+
+
+def steps_of(log_path: Path) -> dict[str, float]:
+    """The median time each step of one replacement took (the upgrader's "replaced" lines)."""
+    took: dict[str, list[float]] = {step: [] for step in STEPS}
+    for line in log_path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == "replaced":
+                before = 0.0
+                for step in STEPS:
+                    at = float(entry.get(f"{step}_s", before))
+                    took[step].append(at - before)
+                    before = at
+    return {step: round(statistics.median(v), 3) for step, v in took.items() if v}
 
 
 def _figures(loads: dict[str, dict[str, Any]], **extra: float) -> dict[str, Any]:

@@ -71,6 +71,17 @@ class Outcome:
     seconds: float = 0.0
 
 
+class Steps:
+    """When each step of a replacement ended, in seconds from its start (for the log)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        self.seconds[f"{step}_s"] = round(time.monotonic() - self.started, 3)
+
+
 class Replacer:
     def __init__(self, settings: UpgraderSettings, engine: Engine, etcd: Etcd) -> None:
         self.settings = settings
@@ -142,18 +153,26 @@ class Replacer:
         self, old: Container, new_id: str, discard: Callable[[], Awaitable[None]]
     ) -> None:
         drained = False
+        steps = Steps()
         try:
             await self.engine.start(new_id)
+            steps.mark("started")
             await self._wait_ready(new_id, expect_keys=bool(await self._registrations(old.id)))
+            steps.mark("ready")
             await self._wait_routed(new_id, self.settings.route_timeout, "route to the new copy")
+            steps.mark("routed")
             await self._call_etcd(request_drain(self.etcd, self.prefix, old.id, DRAIN_REASON))
             drained = True
             await self._wait_drained(old.id)
+            steps.mark("drained")
             await self.engine.stop(old.id)
+            steps.mark("stopped")
         except (StepFailed, DockerRefused, EtcdError) as error:
             await self._undo(old.id, drained, discard)
             raise StepFailed(describe(error)) from None
         await self._finish(old.id, old.name, new_id)
+        steps.mark("renamed")
+        log.info("replaced", container=old.name, **steps.seconds)
 
     async def _switch_stop_first(
         self, old: Container, new_id: str, discard: Callable[[], Awaitable[None]]
