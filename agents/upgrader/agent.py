@@ -87,6 +87,7 @@ class Upgrader:
         self._wake = asyncio.Event()
         self._triggers: set[str] = set()
         self._lanes: dict[str, asyncio.Task[list[Outcome]]] = {}
+        self._recover_pending = True
 
     # --- one pass ---------------------------------------------------------------------------
 
@@ -99,7 +100,12 @@ class Upgrader:
         """
         containers = [container_of(doc) for doc in await self.engine.all_containers()]
         outcomes: list[Outcome] = []
-        recoveries = [r for r in plan.recover(containers) if r.base not in self.in_progress]
+        recoveries: list[plan.Recovery] = []
+        if self._recover_pending or dry_run:
+            # Only at the start and after an interruption: later, a
+            # <name>.pilotfish-next may be another process's (a --rollback) at work.
+            recoveries = [r for r in plan.recover(containers) if r.base not in self.in_progress]
+            self._recover_pending = dry_run
         if dry_run:
             for recovery in recoveries:
                 print(f"would {recovery.kind.replace('_', ' ')} {recovery.base}: {recovery.reason}")
@@ -222,6 +228,7 @@ class Upgrader:
                 # Not the image's fault: Docker's state tells the next pass what to finish.
                 name = decision.container.name
                 log.warning("upgrade interrupted", container=name, error=describe(error))
+                self._recover_pending = True
                 outcomes.append(Outcome(name, "interrupted", describe(error)))
                 break
         return outcomes
@@ -335,6 +342,7 @@ class Upgrader:
                     log.info("passes work again")
             except (DockerUnavailable, EtcdError) as error:
                 self.last_pass_error = describe(error)
+                self._recover_pending = True
                 if quiet.should_log("pass"):
                     log.warning("pass interrupted, retrying", error=describe(error))
                 await backoff.wait()

@@ -92,7 +92,13 @@ class Engine:
     async def all_containers(self) -> list[dict[str, Any]]:
         """Every container, running or not, inspected."""
         listing = await self._call("containers/json", params={"all": "1"})
-        found = [await self.inspect(item["Id"]) for item in listing]
+        limit = asyncio.Semaphore(self.source.concurrency)
+
+        async def inspect(container_id: str) -> dict[str, Any] | None:
+            async with limit:
+                return await self.inspect(container_id)
+
+        found = await asyncio.gather(*(inspect(item["Id"]) for item in listing))
         return [doc for doc in found if doc is not None]
 
     async def image(self, ref: str) -> dict[str, Any] | None:
