@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agents import cli
+from agents.common.docker_events import ImageEvent, _parse_event
 from agents.upgrader.docker import container_of, split_reference
 from agents.upgrader.plan import (
     FROM_IMAGE_LABEL,
@@ -268,3 +271,31 @@ def test_recovery_leaves_exactly_one_running_copy(
         assert plan.old is not None
         running = {plan.old.id}
     assert plan.kind != "refused" and len(running) == 1
+
+
+# --- the event source and the settings ---------------------------------------------------------
+
+
+def test_image_events_are_typed() -> None:
+    line = {
+        "Type": "image",
+        "Action": "tag",
+        "Actor": {"ID": IMG_NEW, "Attributes": {"name": "app:live"}},
+        "timeNano": 5,
+    }
+    event = _parse_event(json.dumps(line).encode())
+    assert event == ImageEvent("tag", IMG_NEW, "app:live", 5)
+    assert _parse_event(json.dumps({**line, "Action": "delete"}).encode()) is None
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--interval", "0"], ["--health-timeout", "-1"], ["--rollback", "a b"],
+     ["--admin-address", "nowhere"], ["--docker-host", "ftp://x"]],
+)  # fmt: skip
+def test_a_bad_setting_exits_2_with_one_line(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["upgrade", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pilotfish upgrade: invalid setting") and err.count("\n") == 1
