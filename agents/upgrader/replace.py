@@ -57,6 +57,10 @@ DISCARD_STOP_TIMEOUT = 5
 # meanwhile goes; and how long it keeps retrying etcd.
 UNDRAIN_WITHIN = 15.0
 DRAIN_REASON = "pilotfish upgrade"
+# An unhealthy new copy fails at once only after this many failed checks in a
+# row: one or two can be a slow check on a busy host, and Docker turns the
+# copy healthy again at the next passing one. Otherwise --health-timeout.
+UNHEALTHY_STREAK = 3
 
 
 class StepFailed(Exception):
@@ -235,8 +239,9 @@ class Replacer:
             if new.state in ("exited", "dead"):
                 code = (doc.get("State") or {}).get("ExitCode")
                 raise StepFailed(f"the new copy exited (code {code})")
-            if new.health == "unhealthy":
-                raise StepFailed("the new copy is unhealthy")
+            streak = int(((doc.get("State") or {}).get("Health") or {}).get("FailingStreak") or 0)
+            if new.health == "unhealthy" and streak >= UNHEALTHY_STREAK:
+                raise StepFailed(f"the new copy is unhealthy ({streak} checks failed in a row)")
             ready = new.running and new.health in ("none", "healthy")
             if ready and (not expect_keys or await self._registered(new_id)):
                 return
