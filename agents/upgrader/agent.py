@@ -26,6 +26,7 @@ from agents.common.docker_events import DockerSource, DockerUnavailable, ImageEv
 from agents.common.etcd import Etcd, EtcdError
 from agents.common.logging import OnceEvery, describe, get_logger
 from agents.common.settings import UpgraderSettings
+from agents.common.systemd import notify, watchdog_loop
 from agents.registrar.agent import _until_stopped
 from agents.upgrader import plan
 from agents.upgrader.docker import DockerRefused, Engine, container_of
@@ -88,6 +89,7 @@ class Upgrader:
         self._triggers: set[str] = set()
         self._lanes: dict[str, asyncio.Task[list[Outcome]]] = {}
         self._recover_pending = True
+        self.ready = asyncio.Event()
 
     # --- one pass ---------------------------------------------------------------------------
 
@@ -336,6 +338,9 @@ class Upgrader:
                 self.metrics.passes.labels(trigger).inc()
             try:
                 await self.run_pass(wait=False)
+                if not self.ready.is_set():
+                    self.ready.set()
+                    notify("READY=1")  # systemd: up once the first pass has looked
                 self.last_pass_error = ""
                 backoff.reset()
                 if quiet.clear("pass"):
@@ -392,7 +397,13 @@ async def serve(settings: UpgraderSettings, stop: asyncio.Event) -> int:
             etcd=etcd.target,
         )
         try:
-            await _until_stopped(stop, upgrader.watch_docker(), upgrader.tick(), upgrader.work())
+            await _until_stopped(
+                stop,
+                upgrader.watch_docker(),
+                upgrader.tick(),
+                upgrader.work(),
+                watchdog_loop(lambda: upgrader.health()[0]),
+            )
         finally:
             await upgrader.close()
             await admin.stop()
