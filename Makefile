@@ -85,6 +85,7 @@ bench: bench-deps venv
 	$(BIN)/python bench/discoverer.py
 	$(BIN)/python bench/retry_cases.py
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/upgrade.py
 	$(BIN)/python bench/catalog.py
 
 clean: demo-down
