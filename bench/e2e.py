@@ -32,6 +32,10 @@ Scenarios, per system:
   new instance, wait 2 s, stop the oldest); then the same again beside
   ``stress-ng --cpu 0`` (a CPU hog per core, bounded by ``--timeout``):
   ``churn_http``, ``churn_tcp``, ``churn_http_loaded``, ``churn_tcp_loaded``.
+  pilotfish stops the oldest the way its upgrader does: ``pilotfish drain
+  --wait --idle`` (every discoverer applied it, no session left), then the
+  stop signal; ``churn_*_signal`` is the same churn with the stop signal
+  alone (``--churn-stop``). The baseline has no drain: the signal alone.
   Each failure is counted against the ``client`` (its own lag: the answer
   was there in time), the ``server`` (HAProxy had the request on a server in
   time, the server answered too late) or the ``proxy`` (the rest), see
@@ -49,6 +53,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import io
 import json
 import os
 import random
@@ -82,6 +87,8 @@ from e2e_kit import (  # noqa: E402
     server_name,
 )
 
+from agents.common.settings import DrainSettings  # noqa: E402
+from agents.registrar import drain_command  # noqa: E402
 from tests.stack import Dockerd, Etcd, make_base_dir, make_whoami_image  # noqa: E402
 
 HOST_ID = "bench"  # both registrars use it, so both systems name servers alike
@@ -205,8 +212,8 @@ async def make_layout(docker: Docker, args: argparse.Namespace) -> Layout:
     which = [i % args.lanes for i in range(args.samples)]
     probes = await bounded([docker.create(f"lane{i}", lanes[i].port, "http") for i in which])
     churn = {mode: ChurnSet(mode, free_port()) for mode in ("http", "tcp")}
-    # Enough fresh instances for the idle and the loaded churn.
-    per_set = CHURN_INITIAL + 2 * (int(args.churn_seconds // CHURN_EVERY) + 1)
+    # Enough fresh instances for every churn run.
+    per_set = CHURN_INITIAL + churn_count(args) * (int(args.churn_seconds // CHURN_EVERY) + 1)
     for mode, cset in churn.items():
         creates = [docker.create(f"churn{mode}", cset.port, mode) for _ in range(per_set)]
         cset.containers = await bounded(creates)
@@ -222,6 +229,8 @@ class System:
     agents: list[Agent]
     state_dir: Path
     watch: ProcWatch
+    # How this system takes a container out before its stop signal (None: it cannot).
+    drain: Callable[[str], Awaitable[bool]] | None = None
 
     def stop(self) -> dict[str, dict[str, float]]:
         usage = self.watch.stop()
@@ -293,7 +302,20 @@ def start_pilotfish(
     )
     discoverer = Agent.start("discoverer", "discover", dflags, root, marker=str(state))
     watch = _watch({"registrar": registrar, "discoverer": discoverer}, state)
-    return System("pilotfish", [registrar, discoverer], state, watch)
+
+    async def drain(cid: str) -> bool:
+        """``pilotfish drain --wait --idle``, as an operator (or the upgrader) does it:
+        in this process, so a starved machine does not time a CLI's start."""
+        settings = DrainSettings(etcd_host=etcd_host, prefix=prefix, wait=True, idle=True,
+                                 timeout=10, docker_host=engine.docker_host)  # fmt: skip
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = await drain_command.run("drain", cid, settings)
+        if code != 0:
+            log(f"drain of {cid[:12]} did not complete: {output.getvalue().strip()}")
+        return code == 0
+
+    return System("pilotfish", [registrar, discoverer], state, watch, drain)
 
 
 def start_baseline(engine: Dockerd, etcd_host: str, root: Path, log: bool = False) -> System:
@@ -563,13 +585,16 @@ def split_by_haproxy(
 
 
 async def roll(
-    docker: Docker, servers: ServerList, rolling: Rolling, seconds: float
-) -> list[dict[str, float]]:
+    docker: Docker, servers: ServerList, rolling: Rolling, seconds: float,
+    drain: Callable[[str], Awaitable[bool]] | None = None,
+) -> list[dict[str, float]]:  # fmt: skip
     """Every 5 s: start the next instance, 2 s later stop the oldest one running.
 
     For each stop: how long after ``docker stop`` was issued the server left
-    rotation, and how many connections HAProxy sent it in that time (the
-    drain lands after the stop signal: these met a dying process).
+    rotation, and how many connections HAProxy sent it in that time (with
+    the stop signal alone, the drain lands after the signal: these met a
+    dying process). With ``drain``, the oldest is drained first (every
+    discoverer applied it, its sessions done), then stopped.
     """
     began, stops = time.monotonic(), []
     while time.monotonic() - began + CHURN_EVERY + CHURN_OVERLAP <= seconds:
@@ -579,7 +604,12 @@ async def roll(
         rolling.running.append(fresh)
         await asyncio.sleep(CHURN_OVERLAP)
         old = rolling.running.pop(0)
-        stops.append(await stop_and_count(docker, servers, old))
+        drained_ms = -1.0
+        if drain is not None:
+            asked = time.monotonic()
+            if await drain(old):
+                drained_ms = round((time.monotonic() - asked) * 1000, 1)
+        stops.append({**await stop_and_count(docker, servers, old), "drain_ms": drained_ms})
     return stops
 
 
@@ -663,10 +693,11 @@ def cpu_hog(seconds: float) -> Iterator[list[str]]:
 
 async def churn_scenario(
     docker: Docker, system: System, layout: Layout, rolling: dict[str, Rolling],
-    args: argparse.Namespace, loaded: bool,
+    args: argparse.Namespace, loaded: bool, drain_first: bool,
 ) -> dict[str, Any]:  # fmt: skip
     servers = ServerList(system.state_dir)
-    tag = "_loaded" if loaded else ""
+    tag = ("_loaded" if loaded else "") + ("" if drain_first else "_signal")
+    drain = system.drain if drain_first else None
     before = {m: await backend_counters(servers, f"churn{m}") for m in layout.churn}
     hog = cpu_hog(args.churn_seconds + 5) if loaded else contextlib.nullcontext([])
     with hog as hog_argv:
@@ -678,7 +709,7 @@ async def churn_scenario(
             load = load_process(
                 cset.port, args.churn_rate, args.churn_seconds, out, hlog, f"_churn{mode}"
             )
-            turns = roll(docker, servers, rolling[mode], args.churn_seconds)
+            turns = roll(docker, servers, rolling[mode], args.churn_seconds, drain)
             runs[mode] = asyncio.gather(load, turns)
         results: dict[str, Any] = {}
         for mode, run in runs.items():
@@ -688,6 +719,9 @@ async def churn_scenario(
             results[mode] = {**load_result, "replacements": len(stops), "haproxy": counters,
                              "stop_to_out_of_rotation_ms": percentiles(left),
                              "sessions_after_stop": [s["sessions"] for s in stops],
+                             "stop": "drain, then signal" if drain else "signal",
+                             "drain_ms": percentiles([s["drain_ms"] for s in stops
+                                                      if s["drain_ms"] >= 0]),
                              "loadavg_1m_at_start": round(load_avg, 1),
                              "cpu_hog": " ".join(hog_argv)}  # fmt: skip
     return results
@@ -728,12 +762,16 @@ async def run_system(
             samples = await lanes_scenario(docker, system, layout, args)
         rolling = {mode: Rolling.of(cset) for mode, cset in layout.churn.items()}
         churn: dict[str, Any] = {}
-        for loaded in (False, True)[: 2 if args.loaded else 1]:
+        for loaded, drain_first in churn_runs(args, system):
+            how = "drain, then stop" if drain_first else "stop signal only"
             with_hog = " beside stress-ng --cpu 0" if loaded else ""
-            log(f"{name}: churn, {args.churn_seconds:.0f} s at {args.churn_rate:.0f} req/s"
-                f"{with_hog}")  # fmt: skip
-            result = await churn_scenario(docker, system, layout, rolling, args, loaded)
-            churn.update({f"churn_{m}{'_loaded' if loaded else ''}": r for m, r in result.items()})
+            log(f"{name}: churn ({how}), {args.churn_seconds:.0f} s at {args.churn_rate:.0f}"
+                f" req/s{with_hog}")  # fmt: skip
+            result = await churn_scenario(
+                docker, system, layout, rolling, args, loaded, drain_first
+            )
+            tag = ("_loaded" if loaded else "") + ("" if drain_first else "_signal")
+            churn.update({f"churn_{m}{tag}": r for m, r in result.items()})
             system.check_alive()
     finally:
         usage = system.stop()
@@ -749,6 +787,23 @@ async def run_system(
         "cpu_s": {agent: u["cpu_s"] for agent, u in usage.items()},
         "peak_rss_mb": {agent: u["peak_rss_mb"] for agent, u in usage.items()},
     }
+
+
+def churn_runs(args: argparse.Namespace, system: System) -> list[tuple[bool, bool]]:
+    """(loaded, drain first) of each churn run. A system that cannot drain
+    (the baseline) stops with the signal only, under the plain names."""
+    loads = (False, True)[: 2 if args.loaded else 1]
+    if system.drain is None or args.churn_stop == "signal":
+        return [(loaded, False) for loaded in loads]
+    runs = [(loaded, True) for loaded in loads]
+    if args.churn_stop == "both":
+        runs += [(loaded, False) for loaded in loads]
+    return runs
+
+
+def churn_count(args: argparse.Namespace) -> int:
+    """The most churn runs one system makes (each needs its own fresh instances)."""
+    return (2 if args.loaded else 1) * (2 if args.churn_stop == "both" else 1)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -770,11 +825,13 @@ def table(result: dict[str, Any]) -> str:
             ours, theirs = result.get(key, {}).get(stat), base.get(key, {}).get(stat)
             rows.append(f"{key + ' ' + stat:<30}{ours!s:>12}{theirs!s:>12}"
                         f"{_ratio(theirs, ours):>8}  {goals.get((key, stat), '')}")  # fmt: skip
-    for key in ("churn_http", "churn_tcp", "churn_http_loaded", "churn_tcp_loaded"):
-        ours, theirs = result.get(key, {}), base.get(key, {})
+    churns = ("churn_http", "churn_tcp", "churn_http_loaded", "churn_tcp_loaded")
+    for key in churns + tuple(f"{c}_signal" for c in churns):
+        # The baseline only stops with the signal: its plain rows are that.
+        ours, theirs = result.get(key, {}), base.get(key.removesuffix("_signal"), {})
         if not ours and not theirs:
             continue
-        goal = "0 proxy" if key.startswith("churn_http") else ""
+        goal = "0 proxy" if key.startswith("churn_http") and "_signal" not in key else ""
         rows.append(f"{key + ' failed/total':<30}{_frac(ours):>12}{_frac(theirs):>12}{'':>8}"
                     f"  {goal}")  # fmt: skip
         for part in ("proxy", "client", "server"):
@@ -818,6 +875,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--template", help="pilotfish's HAProxy template (to compare one)")
     parser.add_argument("--internal", action="store_true",
                         help="pilotfish registers container addresses")  # fmt: skip
+    parser.add_argument("--churn-stop", choices=("drain", "signal", "both"), default="both",
+                        help="how pilotfish's churn stops a container: `pilotfish drain --wait"
+                             " --idle` then the stop signal (churn_*), the signal alone"
+                             " (churn_*_signal), or both; the baseline: the signal")  # fmt: skip
     parser.add_argument("--no-loaded", dest="loaded", action="store_false",
                         help="skip the churn beside stress-ng --cpu 0 (all cores)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",

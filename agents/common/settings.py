@@ -284,6 +284,10 @@ class DrainSettings(CommonSettings):
     wait: bool = Field(
         False, description="wait until every discoverer serving the container applied it"
     )
+    idle: bool = Field(
+        False,
+        description="with --wait: a drain also waits until the container's sessions are done",
+    )
     timeout: float = Field(30.0, gt=0, le=3600, description="seconds --wait waits at most")
 
     @field_validator("docker_host")

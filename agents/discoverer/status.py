@@ -71,17 +71,15 @@ def applied_state(
     """
     services = sorted(set(catalog) | set(service_filter))[:MAX_STATUS_SERVICES]
     draining: dict[str, Server] = {}
-    for key in sorted(instances):
-        instance = instances[key]
+    for key, instance in instances.items():  # every snapshot: one pass, no sort
         if instance.state != "draining":
             continue
         service = catalog.get(instance.service)
         if service is None or instance.server_name not in service.servers:
             continue  # not routed here (filtered out, quarantined)
         draining[key] = (instance.service, instance.server_name)
-        if len(draining) >= MAX_STATUS_DRAINING:
-            break
-    return Applied(revision, tuple(services), draining)
+    kept = sorted(draining)[:MAX_STATUS_DRAINING]
+    return Applied(revision, tuple(services), {key: draining[key] for key in kept})
 
 
 def build_status(

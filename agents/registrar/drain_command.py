@@ -8,7 +8,9 @@ the instances' ``draining`` state (and back to ``up`` when it is deleted).
 ``--wait`` then waits, bounded by ``--timeout``, until the registrar has
 rewritten every instance of the container and every live discoverer serving
 its services has applied that revision (their status keys,
-``<prefix>/discoverers/``); a drain reports the sessions left. Exit codes: 0
+``<prefix>/discoverers/``); a drain reports the sessions left, and with
+``--idle`` also waits until none is left (then stopping the container cuts
+no connection). Exit codes: 0
 done, 1 timeout or etcd/Docker away (the waiting parties named), 2 bad input.
 """
 
@@ -119,6 +121,9 @@ class Progress:
         return self.rewritten and not any((self.behind or {}).values())
 
     def waiting_for(self) -> str:
+        if self.done:
+            left = ", ".join(f"{d}: {n}" for d, n in (self.sessions or {}).items())
+            return f"sessions still open ({left})"
         if not self.rewritten:
             return "the registrar has not rewritten the container's instances (is it running?)"
         names = sorted({d for ids in (self.behind or {}).values() for d in ids})
@@ -157,7 +162,8 @@ async def wait_applied(etcd: Etcd, settings: DrainSettings, container_id: str, s
         statuses = await read_statuses(etcd, settings.prefix)
         revisions = revisions_to_apply(registrations, state)
         progress = progress_of(revisions, statuses, sorted(registrations))
-        if progress.done:
+        idle_enough = not (settings.idle and state == "draining" and progress.sessions)
+        if progress.done and idle_enough:
             break
         if loop.time() >= deadline:
             print(

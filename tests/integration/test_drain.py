@@ -112,11 +112,18 @@ async def test_drain_undrain_through_the_cli_and_a_registrar_restart(
             assert (await server_state(state_dir, service))[server[0]] == "draining"
             status = await status_of(etcd, reg_prefix, "consumer-a")
             assert status is not None and status.draining == {key: 1}
+            # --idle waits for that connection too: not within a second.
+            code, out, err = await cli("drain", name, "--wait", "--idle", "--timeout", "1",
+                                       *target(docker, settings))  # fmt: skip
+            assert code == 1 and "sessions still open" in err, (out, err)
         finally:
             held.close()
         await eventually(
             lambda: _draining_is(etcd, reg_prefix, "consumer-a", {key: 0}), within=5
         )  # re-read while sessions were left
+        code, out, err = await cli("drain", name, "--wait", "--idle", "--timeout", "20",
+                                   *target(docker, settings))  # fmt: skip
+        assert code == 0 and "sessions left: 0" in out, (out, err)
 
         code, out, err = await cli("undrain", cid, "--wait", *target(docker, settings))
         assert code == 0, (out, err)
@@ -217,6 +224,8 @@ async def test_hostile_drain_keys_and_status_values_hurt_nobody(
                                        *target(docker, settings))  # fmt: skip
             assert code == 0, (out, err)  # no (valid) discoverer serves it: nothing to wait for
             assert "applied by 0 discoverer(s)" in out
+            code, out, err = await cli("drain", "no-such-container", *target(docker, settings))
+            assert code == 2 and "no such container" in err, (out, err)
     warned = {e.get("key", "") for e in logs if e["log_level"] == "warning"}
     assert drain_key(reg_prefix, cid) in warned and f"{prefix}{cid[:12]}" in warned
     assert f"{reg_prefix}/discoverers/evil" in warned

@@ -7,11 +7,13 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from agents.common.drains import revisions_to_apply
 from agents.common.etcd import EtcdError
 from agents.common.schema import DiscovererStatus, Instance, drain_key, instance_key
+from agents.common.settings import DiscovererSettings, DrainSettings
 from agents.discoverer.haproxy.state import parse_all_sessions
 from agents.discoverer.model import build_catalog
 from agents.discoverer.status import (
@@ -269,3 +271,22 @@ async def test_publisher_waits_for_haproxy_and_rereads_sessions_while_some_are_l
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("model", "values"),
+    [
+        (DiscovererSettings, {"discoverer_id": "bad id"}),
+        (DiscovererSettings, {"discoverer_id": "x" * 64}),
+        (DiscovererSettings, {"status_interval": 0}),
+        (DiscovererSettings, {"status_ttl": 1}),
+        (DrainSettings, {"reason": "a\nb"}),
+        (DrainSettings, {"timeout": 0}),
+        (DrainSettings, {"docker_host": "/var/run/docker.sock"}),
+    ],
+)
+def test_bad_status_and_drain_settings_are_refused(
+    model: type[DiscovererSettings | DrainSettings], values: dict[str, object]
+) -> None:
+    with pytest.raises(ValidationError):
+        model(**values)  # type: ignore[arg-type]

@@ -205,6 +205,7 @@ class HaproxySink:
         running, the view in sync (a failed command is resynced first), HAProxy up."""
         return (
             self._started
+            and not self._lock.locked()  # no sync or reload half done
             and not self._stale
             and not self._reload_wanted.is_set()
             and not self._reloading
