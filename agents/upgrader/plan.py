@@ -368,6 +368,12 @@ def recover(containers: Iterable[Container]) -> list[Recovery]:
             continue
         replaces = new.labels.get(REPLACES_LABEL)
         old = by_id.get(replaces) if replaces else by_name.get(base)
+        if old is not None and old.name not in (base, base + PREVIOUS_SUFFIX):
+            # Only a copy of the same name is ever replaced: anything else is
+            # not ours to stop or rename.
+            why = f"it names {old.name} ({old.id[:12]}) as the one it replaces, not {base}"
+            plans.append(Recovery("refused", new, old, base, why))
+            continue
         plans.append(_recovery(new, old, base, by_name))
     return plans
 

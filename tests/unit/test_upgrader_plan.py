@@ -246,6 +246,12 @@ def test_name_taken_by_a_stranger_is_left_alone() -> None:
     assert plan.kind == "refused"
 
 
+def test_a_replaces_label_naming_another_container_is_refused() -> None:
+    stranger = web(name="db", state="exited")
+    (plan,) = recover([stranger, new_copy()])
+    assert plan.kind == "refused" and "db" in plan.reason
+
+
 STATES = st.sampled_from(["running", "exited", "created", "missing"])
 HEALTH = st.sampled_from(["none", "starting", "healthy", "unhealthy"])
 
