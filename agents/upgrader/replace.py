@@ -161,7 +161,9 @@ class Replacer:
         try:
             await self.engine.start(new_id)
             steps.mark("started")
-            await self._wait_ready(new_id, expect_keys=bool(await self._registrations(old.id)))
+            # Unknown (etcd away) counts as registered: better wait than route to nothing.
+            old_registrations = await self._registrations(old.id)
+            await self._wait_ready(new_id, expect_keys=old_registrations != {})
             steps.mark("ready")
             await self._wait_routed(new_id, self.settings.route_timeout, "route to the new copy")
             steps.mark("routed")
@@ -246,7 +248,9 @@ class Replacer:
             if ready and (not expect_keys or await self._registered(new_id)):
                 return
             if time.monotonic() > deadline:
-                what = "healthy" if new.health != "healthy" else "registered in etcd"
+                what = "registered in etcd" if ready else "running and healthy"
+                if ready and self.etcd_error:
+                    what += f" (etcd: {self.etcd_error})"
                 within = self.settings.health_timeout
                 raise StepFailed(f"the new copy was not {what} within {within:g}s")
             await asyncio.sleep(POLL)

@@ -148,3 +148,23 @@ async def test_a_frozen_docker_is_reported_and_the_upgrader_resyncs(world: World
     await eventually(lambda: admin_get(admin, "/healthz")[0] == 200, 30, "reconnected")
     point_tag(world, svc, "v2")
     await eventually(lambda: svc.runs(name, new_image), 60, "upgraded after the outage")
+
+
+async def test_etcd_away_during_an_upgrade_keeps_the_old_copy(world: World) -> None:
+    """No registration can be seen: the new copy is given up, the old one never stopped."""
+    svc = service(world, "etd")
+    old_image = make_version(world, svc, "v1")
+    make_version(world, svc, "v2")
+    point_tag(world, svc, "v1")
+    name = svc.run()
+    await eventually(lambda: svc.routed(name), 60, "routed")
+    point_tag(world, svc, "v2")
+    world.etcd.stop()
+    try:
+        once = await world.upgrade_once("--once", health_timeout=4, etcd_timeout=1)
+    finally:
+        world.etcd.start()
+    assert once.returncode == 1, once.stderr
+    assert "not registered in etcd" in once.stderr, once.stderr
+    assert svc.names() == {name} and svc.running(name) and svc.image_of(name) == old_image
+    await eventually(lambda: svc.routed(name), 30, "still routed")
