@@ -40,7 +40,18 @@ log = get_logger("pilotfish.docker")
 # Only these actions change what is registered; exec_* (health checks run
 # one per interval), attach, resize… are dropped.
 ACTIONS = frozenset(
-    {"start", "unpause", "health_status", "stop", "kill", "die", "pause", "destroy", "restart"}
+    {
+        "start",
+        "unpause",
+        "health_status",
+        "stop",
+        "kill",
+        "die",
+        "pause",
+        "destroy",
+        "restart",
+        "rename",  # the name is in the registration (an upgrade renames its new copy)
+    }
 )
 # Image events that can move a tag (the upgrader's; a stream asks for them
 # with ``event_types=("container", "image")``).

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -45,6 +47,17 @@ def _own_containers_only(world: World) -> Iterator[None]:
     for agent in world.agents:
         agent.stop()
     world.remove_services()
+
+
+def _registered_names(world: World, service_name: str) -> set[str]:
+    """The container names in the service's registrations (etcdctl)."""
+    out = subprocess.run(
+        ["etcdctl", f"--endpoints={world.etcd.endpoint}", "get", "--prefix", "--print-value-only",
+         f"{world.prefix}/services/{service_name}/"],
+        capture_output=True, text=True, timeout=10, env={**os.environ, "ETCDCTL_API": "3"},
+    ).stdout  # fmt: skip
+    names = {json.loads(line)["container_name"] for line in out.splitlines() if line.strip()}
+    return names if all(not n.endswith(".pilotfish-next") for n in names) else set()
 
 
 @pytest.mark.parametrize("mode", ["http", "tcp"])
@@ -87,6 +100,8 @@ async def test_a_tag_event_upgrades_start_first_with_no_failed_request(
     env = new["Config"]["Env"]  # type: ignore[index]
     assert "KEEP=me" in env and "VERSION=v2" in env, env
     assert svc.image_of(untouched) == old_image and svc.image_of(refused) == old_image
+    # The registrar saw the rename: the registration carries the name again.
+    await eventually(lambda: name in _registered_names(world, svc.name), 10, "renamed")
     assert svc.names() == {name, name + ".pilotfish-previous", untouched, refused}
     _, body = admin_get(admin, "/metrics")
     assert metric(body, 'pilotfish_upgrader_upgrades_total{result="upgraded"}') == 1
