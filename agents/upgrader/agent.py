@@ -243,6 +243,7 @@ class Upgrader:
                 container, decision.reason, stop_first=decision.order == "stop-first"
             )
         except (StepFailed, DockerRefused) as error:
+            self._recover_pending = True  # a step that failed late may have left a copy
             return self._failed(container, decision.target_image, describe(error))
         finally:
             self.in_progress.discard(container.name)

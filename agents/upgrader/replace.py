@@ -205,7 +205,11 @@ class Replacer:
         if old_id is not None:
             old_doc = await self.engine.inspect(old_id)
             if old_doc is not None and str(old_doc.get("Name", "")).lstrip("/") != previous_name:
-                await self.engine.rename(old_id, previous_name)
+                try:
+                    await self.engine.rename(old_id, previous_name)
+                except DockerRefused as error:
+                    if error.status != 404:  # gone meanwhile (--rm): nothing to keep
+                        raise
         await self.engine.rename(new_id, name)
 
     async def _undo(

@@ -200,3 +200,16 @@ async def test_once_exits_non_zero_when_an_upgrade_fails(world: World) -> None:
     assert failing.returncode == 1, failing.stderr
     assert "upgrade failed" in failing.stderr
     assert svc.names() == {name} and svc.running(name)
+
+
+async def test_a_container_run_with_rm_is_upgraded_without_a_previous_copy(world: World) -> None:
+    svc = service(world, "rm")
+    make_version(world, svc, "v1")
+    new_image = make_version(world, svc, "v2")
+    point_tag(world, svc, "v1")
+    name = svc.run("--rm")
+    point_tag(world, svc, "v2")
+    once = await world.upgrade_once("--once")
+    assert once.returncode == 0, once.stderr
+    assert svc.image_of(name) == new_image and svc.running(name)
+    await eventually(lambda: asyncio.to_thread(lambda: svc.names() == {name}), 20, "old gone")
