@@ -345,6 +345,15 @@ class Recovery:
     base: str
     reason: str
 
+    @property
+    def brought_back(self) -> bool:
+        """The new copy is a kept previous version (a rollback's): put it back, never remove it.
+
+        A copy the upgrader created names the old one in its label.
+        """
+        replaces = self.new.labels.get(REPLACES_LABEL)
+        return self.old is None or replaces != self.old.id
+
 
 def recover(containers: Iterable[Container]) -> list[Recovery]:
     """Every ``<name>.pilotfish-next`` container and what to do with it.
@@ -367,7 +376,10 @@ def recover(containers: Iterable[Container]) -> list[Recovery]:
             plans.append(Recovery("refused", new, None, base, str(error)))
             continue
         replaces = new.labels.get(REPLACES_LABEL)
-        old = by_id.get(replaces) if replaces else by_name.get(base)
+        # A kept previous version brought back by a rollback may carry the
+        # label of its own upgrade, naming a container long gone: then the
+        # old one is the container bearing the name.
+        old = by_id.get(replaces or "") or by_name.get(base)
         if old is not None and old.name not in (base, base + PREVIOUS_SUFFIX):
             # Only a copy of the same name is ever replaced: anything else is
             # not ours to stop or rename.

@@ -40,7 +40,6 @@ from agents.upgrader.docker import DockerRefused, Engine, container_of
 from agents.upgrader.plan import (
     NEXT_SUFFIX,
     PREVIOUS_SUFFIX,
-    REPLACES_LABEL,
     Container,
     Recovery,
     clone_config,
@@ -375,10 +374,9 @@ class Replacer:
         log.warning(
             "unfinished upgrade found", container=plan.base, action=plan.kind, reason=plan.reason
         )
-        from_rollback = REPLACES_LABEL not in new.labels
 
         async def drop_new() -> None:
-            if from_rollback:
+            if plan.brought_back:
                 await self._put_back_previous(new.id, plan.base)
             else:
                 await self._discard_new(new.id)

@@ -240,6 +240,17 @@ def test_a_rollback_in_progress_finds_the_old_copy_by_name() -> None:
     assert plan.kind == "roll_back" and plan.old is not None and plan.old.name == "web"
 
 
+def test_a_stale_replaces_label_falls_back_to_the_name() -> None:
+    """A previous version brought back by a rollback names its own, long gone, predecessor."""
+    stale = Container(NEW_ID, "web" + NEXT_SUFFIX, "app:live", IMG_NEW,
+                      {REPLACES_LABEL: "e" * 64}, "running")  # fmt: skip
+    (plan,) = recover([web(), stale])
+    assert plan.kind == "roll_back" and plan.old is not None and plan.old.id == OLD_ID
+    assert plan.brought_back  # put back as the previous version, not removed
+    assert not recover([web(), new_copy()])[0].brought_back
+    assert recover([web(), new_copy(labelled=False)])[0].brought_back
+
+
 def test_name_taken_by_a_stranger_is_left_alone() -> None:
     stranger = web(id="d" * 64, labels={})
     (plan,) = recover([web(state="exited", name="web" + PREVIOUS_SUFFIX), new_copy(), stranger])
