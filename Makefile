@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl openssl chromium
+DEBIAN_PACKAGES := docker.io etcd-server etcd-client haproxy busybox-static iproute2 python3-venv curl openssl chromium docker-registry
 # Only the benchmarks need these: bench/e2e.py's loaded churn runs a CPU hog beside it.
 BENCH_PACKAGES := stress-ng
 
@@ -21,7 +21,7 @@ help:
 
 # Installs the Debian packages the agents and tests drive (root or sudo needed).
 deps:
-	@missing=""; for b in dockerd etcd etcdctl haproxy busybox ip curl openssl chromium; do command -v $$b >/dev/null || missing=1; done; \
+	@missing=""; for b in dockerd etcd etcdctl haproxy busybox ip curl openssl chromium docker-registry; do command -v $$b >/dev/null || missing=1; done; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -85,6 +85,7 @@ bench: bench-deps venv
 	$(BIN)/python bench/discoverer.py
 	$(BIN)/python bench/retry_cases.py
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/upgrade.py
 	$(BIN)/python bench/catalog.py
 
 clean: demo-down

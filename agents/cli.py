@@ -27,6 +27,7 @@ from agents.common.settings import (
     CommonSettings,
     DiscovererSettings,
     RegistrarSettings,
+    UpgraderSettings,
 )
 from agents.registrar import drain_command
 
@@ -34,6 +35,7 @@ COMMANDS: dict[str, tuple[type[CommonSettings], str]] = {
     "register": (RegistrarSettings, "register this host's containers in etcd"),
     "discover": (DiscovererSettings, "route to registered containers through HAProxy"),
     "catalog": (CatalogSettings, "serve the service catalog: web UI, JSON API, live events"),
+    "upgrade": (UpgraderSettings, "replace containers whose image tag moved, start-first"),
 }
 
 
@@ -149,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_until_signal(lambda stop: serve_registrar(settings, stop)))
         except HostIdTaken:
             _leave(2)  # logged where it was found, with the holder's name
+    elif command == "upgrade":
+        from agents.upgrader.agent import run as run_upgrader
+
+        assert isinstance(settings, UpgraderSettings)
+        _leave(run_upgrader(settings))
     elif command == "catalog":
         from agents.catalog.agent import serve as serve_catalog
 

@@ -3,7 +3,7 @@
 #
 #   docker run IMAGE                  -> pilotfish $PILOTFISH_COMMAND (the image's agent)
 #   docker run IMAGE --ttl 30         -> pilotfish $PILOTFISH_COMMAND --ttl 30
-#   docker run IMAGE register|discover|catalog ...  -> pilotfish register|discover|catalog ...
+#   docker run IMAGE register|discover|catalog|upgrade ...  -> pilotfish <that command> ...
 #   anything else (sh, pilotfish --version) is run as given.
 #
 # Settings come from the environment unchanged (HOST_IP, ETCD_HOST,
@@ -17,7 +17,7 @@
 set -eu
 
 case "${1:-}" in
-    register|discover|catalog) set -- pilotfish "$@" ;;
+    register|discover|catalog|upgrade) set -- pilotfish "$@" ;;
     -*) set -- pilotfish "${PILOTFISH_COMMAND:?}" "$@" ;;
     "") set -- pilotfish "${PILOTFISH_COMMAND:?}" ;;
 esac

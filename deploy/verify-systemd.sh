@@ -12,7 +12,8 @@ source "$(dirname "$0")/lib.sh"
 need_packages systemd-analyze=systemd
 
 PYTHON="${PYTHON:-$PF_REPO/.venv/bin/python}"
-UNITS=(pilotfish-registrar.service pilotfish-discoverer.service pilotfish-catalog.service)
+UNITS=(pilotfish-registrar.service pilotfish-discoverer.service pilotfish-catalog.service
+       pilotfish-upgrader.service)
 root="$(mktemp -d)"
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/etc/systemd/system" "$root/usr/lib/systemd"

@@ -1,4 +1,5 @@
-"""The demo: etcd, a registrar, a discoverer with its HAProxy, the catalog, three whoami containers.
+"""The demo: etcd, a registrar, a discoverer with its HAProxy, the catalog, three whoami
+containers, and the upgrader (a second whoami image, v2, to move the tag to).
 
     python scripts/demo.py up     (make demo)
     python scripts/demo.py down   (make demo-down)
@@ -34,6 +35,7 @@ from tests.stack import (  # noqa: E402  (the repository root is put on the path
     delete_bridge,
     free_port,
     make_whoami_image,
+    make_whoami_variant,
 )
 
 DEMO_DIR = Path(os.environ.get("PILOTFISH_DEMO_DIR", "/tmp/pilotfish-demo"))
@@ -41,6 +43,8 @@ LABEL = "pilotfish.demo=1"
 SERVICE_PORT = 8080  # whoami's private port: consumers reach it on 127.0.0.1:8080
 STATS_PORT = 1936
 CATALOG_PORT = 9103
+UPGRADER_PORT = 9104
+WHOAMI = "pilotfish-whoami"  # the demo's containers run its tag "latest"; v2 is the upgrade
 PILOTFISH = [sys.executable, "-m", "agents"]
 
 
@@ -109,9 +113,11 @@ def start_whoami(engine: Dockerd, count: int) -> list[str]:
             "pilotfish.service=whoami",
             "--label",
             "pilotfish.mode=http",
+            "--label",
+            "pilotfish.upgrade=auto",
             "-p",
             f"{engine.host_ip}::{SERVICE_PORT}",
-            "pilotfish-whoami",
+            f"{WHOAMI}:latest",
         ).strip()[:12]
         for _ in range(count)
     ]
@@ -139,6 +145,7 @@ def up() -> int:
         engine = start_engine(state)
         state["docker_host"] = engine.docker_host
         make_whoami_image(engine)
+        make_whoami_variant(engine, f"{WHOAMI}:v2", "ENV VERSION=2")
         etcd = start_etcd(state)
         common = ["--etcd-host", etcd.endpoint, "--prefix", "/pilotfish-demo"]
         spawn_agent(
@@ -171,17 +178,26 @@ def up() -> int:
         )
         catalog_port = CATALOG_PORT if port_free(CATALOG_PORT) else free_port()
         state["catalog_url"] = f"http://127.0.0.1:{catalog_port}/"
-        spawn_agent("catalog", ["catalog", *common, "--address", f"127.0.0.1:{catalog_port}"], state)
+        spawn_agent(
+            "catalog", ["catalog", *common, "--address", f"127.0.0.1:{catalog_port}"], state
+        )
+        upgrader_port = UPGRADER_PORT if port_free(UPGRADER_PORT) else free_port()
+        upgrader = ["upgrade", *common, "--docker-host", engine.docker_host]
+        state["upgrade_command"] = " ".join([*PILOTFISH[1:], *upgrader])
+        spawn_agent("upgrader", [*upgrader, "--admin-address", f"127.0.0.1:{upgrader_port}"], state)
         containers = start_whoami(engine, 3)
     finally:
         (DEMO_DIR / "state.json").write_text(json.dumps(state, indent=1))
     answers = wait_for_answers(len(containers))
-    print_usage(engine, containers, answers, str(state["catalog_url"]))
+    print_usage(engine, containers, answers, state)
     return 0 if answers else 1
 
 
-def print_usage(engine: Dockerd, containers: list[str], answers: set[str], catalog: str) -> None:
+def print_usage(
+    engine: Dockerd, containers: list[str], answers: set[str], state: dict[str, object]
+) -> None:
     docker = f"docker -H {engine.docker_host}"
+    catalog, upgrade = state["catalog_url"], f"{sys.executable} {state['upgrade_command']}"
     print(f"""
 pilotfish demo is up: 3 whoami containers ({", ".join(containers)}), answered by {len(answers)}.
 
@@ -193,7 +209,14 @@ pilotfish demo is up: 3 whoami containers ({", ".join(containers)}), answered by
       --label pilotfish.mode=http -p {engine.host_ip}::{SERVICE_PORT} pilotfish-whoami
                                              # one more: it answers within milliseconds
   {docker} stop <id>                          # drained, then gone from HAProxy
-  tail -f {DEMO_DIR}/registrar.log {DEMO_DIR}/discoverer.log {DEMO_DIR}/catalog.log
+
+  while :; do curl -s 127.0.0.1:{SERVICE_PORT}; sleep 0.1; done    # in another terminal: it keeps answering
+  {docker} tag {WHOAMI}:v2 {WHOAMI}:latest
+                                             # the upgrader replaces the 3 containers, start-first
+  {docker} ps -a --filter label={LABEL}       # the new copies, and each previous one kept stopped
+  {upgrade} --rollback <name>
+                                             # one container back to its previous version
+  tail -f {DEMO_DIR}/registrar.log {DEMO_DIR}/discoverer.log {DEMO_DIR}/upgrader.log
 
   make demo-down                             # removes everything the demo started
 """)
@@ -205,7 +228,7 @@ def down() -> int:
         print("no demo is up")
         return 0
     state = json.loads(state_file.read_text())
-    for name in ("registrar_pid", "discoverer_pid", "catalog_pid"):
+    for name in ("upgrader_pid", "registrar_pid", "discoverer_pid", "catalog_pid"):
         terminate(state.get(name), 5)
     terminate(haproxy_master_pid(), 5)
     with contextlib.suppress(StackError, KeyError):

@@ -31,6 +31,7 @@ from tests.stack import (
     Etcd,
     EtcdCluster,
     ExistingDockerd,
+    Registry,
     copy_image,
     make_base_dir,
     make_test_images,
@@ -41,7 +42,7 @@ from tests.stack import (
 # Containers a test creates carry these labels; the session removes them at the end.
 SESSION = uuid.uuid4().hex[:8]
 TEST_LABELS = {TEST_LABEL: "1", f"{TEST_LABEL}.session": SESSION}
-_started: list[Dockerd | Etcd | EtcdCluster] = []  # healed after every test
+_started: list[Dockerd | Etcd | EtcdCluster | Registry] = []  # healed after every test
 
 
 def label_args() -> list[str]:
@@ -138,6 +139,14 @@ def etcd_cluster(stack_dir: Path) -> Iterator[EtcdCluster]:
     with EtcdCluster(stack_dir, size=3) as cluster:
         _started.append(cluster)
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def registry(stack_dir: Path) -> Iterator[Registry]:
+    """An image registry on 127.0.0.1 (``.address``), Debian's docker-registry."""
+    with Registry(stack_dir) as server:
+        _started.append(server)
+        yield server
 
 
 ETCD_USER, ETCD_PASSWORD = "root", "pilotfish-test"

@@ -59,6 +59,7 @@ PACKAGES = {
     "haproxy": "haproxy",
     "busybox": "busybox-static",
     "ip": "iproute2",
+    "docker-registry": "docker-registry",
 }
 
 
@@ -677,6 +678,17 @@ def make_whoami_health_image(dockerd: Dockerd, name: str = WHOAMI_HEALTH_IMAGE) 
     return name
 
 
+def make_whoami_variant(dockerd: Dockerd, name: str, *changes: str) -> str:
+    """whoami imported again with ``changes`` (``ENV``, ``LABEL``, ``HEALTHCHECK``, ...):
+    a different image id from the same root filesystem, for upgrades."""
+    _import_image(dockerd, name, ['CMD ["/init"]', "EXPOSE 8080/tcp", *changes])
+    return name
+
+
+def image_id(dockerd: Dockerd, name: str) -> str:
+    return dockerd.docker("image", "inspect", "-f", "{{.Id}}", name)
+
+
 def make_test_images(dockerd: Dockerd) -> None:
     make_whoami_image(dockerd)
     make_whoami_health_image(dockerd)
@@ -933,6 +945,74 @@ class EtcdCluster(_Server):
 
         _wait_until(check, timeout, "etcd cluster leader")
         return found[0]
+
+
+# --- image registry ----------------------------------------------------------------------
+
+
+class Registry(_Server):
+    """Debian's ``docker-registry`` (distribution 2.8) on 127.0.0.1, storage in a directory.
+
+    Engines push to and pull from ``127.0.0.1:PORT/name:tag`` without
+    ``--insecure-registry``: 127.0.0.0/8 is insecure by default.
+    """
+
+    def __init__(self, base_dir: Path | str, name: str = "r0", ready_timeout: float = 30.0) -> None:
+        self.dir = Path(base_dir) / name
+        self.port = free_port()
+        self.ready_timeout = ready_timeout
+        self.log_path = LOG_ROOT / Path(base_dir).name / f"registry-{name}.log"
+        self._proc = _Proc([require_binary("docker-registry"), "serve", str(self.config)],
+                           self.log_path)  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yml"
+
+    def start(self) -> Self:
+        if self._proc.alive():
+            return self
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n"
+            "  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.address}\n"
+        )
+        self._proc.spawn()
+        self._track(True)
+        _wait_until(self.ready, self.ready_timeout, f"registry {self.address}", self._proc)
+        return self
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"http://{self.address}/v2/", timeout=1) as response:
+            return bool(response.status == 200)
+
+    def digest(self, name: str, tag: str) -> str:
+        """The manifest digest ``name:tag`` has in this registry now."""
+        request = urllib.request.Request(
+            f"http://{self.address}/v2/{name}/manifests/{tag}",
+            method="HEAD",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return str(response.headers["Docker-Content-Digest"])
+
+    def heal(self) -> None:
+        self.start()
+
+    def stop(self) -> None:
+        self._proc.terminate(timeout=10)
+        self._track(False)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --- CLI: up / down --------------------------------------------------------------------

@@ -40,8 +40,22 @@ log = get_logger("pilotfish.docker")
 # Only these actions change what is registered; exec_* (health checks run
 # one per interval), attach, resize… are dropped.
 ACTIONS = frozenset(
-    {"start", "unpause", "health_status", "stop", "kill", "die", "pause", "destroy", "restart"}
+    {
+        "start",
+        "unpause",
+        "health_status",
+        "stop",
+        "kill",
+        "die",
+        "pause",
+        "destroy",
+        "restart",
+        "rename",  # the name is in the registration (an upgrade renames its new copy)
+    }
 )
+# Image events that can move a tag (the upgrader's; a stream asks for them
+# with ``event_types=("container", "image")``).
+IMAGE_ACTIONS = frozenset({"tag", "pull", "load", "import"})
 # The action of the event made up for a container whose event line was dropped.
 INSPECT = "inspect"
 MAX_EVENT_LINE = 8 * 1024 * 1024
@@ -68,6 +82,14 @@ class ContainerEvent:
     container_id: str
     time_ns: int  # when dockerd emitted it (for the event → etcd latency)
     attributes: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEvent:
+    action: str  # "tag", "pull", "load" or "import"
+    image: str  # the image id, or the reference pulled
+    name: str  # the reference it names ("repo:tag"), "" if the event names none
+    time_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +147,10 @@ class DockerSource:
         ping_interval: float = 5.0,
         call_timeout: float = 10.0,
         concurrency: int = 16,
+        event_types: tuple[str, ...] = ("container",),
     ) -> None:
         self.url = url
+        self.event_types = event_types
         self.ping_interval = ping_interval
         self.call_timeout = call_timeout
         self.concurrency = concurrency
@@ -212,7 +236,9 @@ class DockerSource:
 
     # --- the stream ------------------------------------------------------------------
 
-    async def stream(self) -> AsyncGenerator[RunningContainers | ContainerEvent, None]:
+    async def stream(
+        self,
+    ) -> AsyncGenerator[RunningContainers | ContainerEvent | ImageEvent, None]:
         """Snapshots and events, forever; reconnects by itself."""
         backoff = Backoff(initial=0.1, maximum=5.0)
         while True:
@@ -227,8 +253,10 @@ class DockerSource:
                 self._lost(f"event stream broke: {describe(error)}")
             await backoff.wait()
 
-    async def _one_connection(self) -> AsyncGenerator[RunningContainers | ContainerEvent, None]:
-        params = {"filters": json.dumps({"type": ["container"]})}
+    async def _one_connection(
+        self,
+    ) -> AsyncGenerator[RunningContainers | ContainerEvent | ImageEvent, None]:
+        params = {"filters": json.dumps({"type": list(self.event_types)})}
         try:
             async with self.client._query("events", params=params, timeout=None) as response:
                 # The response headers mean dockerd has subscribed us: from
@@ -307,11 +335,15 @@ async def _watchdog(source: DockerSource, response: aiohttp.ClientResponse) -> A
             await task
 
 
-def _parse_event(line: bytes) -> ContainerEvent | None:
+def _parse_event(line: bytes) -> ContainerEvent | ImageEvent | None:
     try:
         data = json.loads(line)
     except ValueError:
         return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("Type") == "image":
+        return _image_event(data)
     action = str(data.get("Action") or data.get("status") or "").partition(":")[0]
     actor = data.get("Actor") or {}
     container_id = str(actor.get("ID") or data.get("id") or "")
@@ -323,3 +355,13 @@ def _parse_event(line: bytes) -> ContainerEvent | None:
         time_ns=int(data.get("timeNano") or 0),
         attributes={str(k): str(v) for k, v in (actor.get("Attributes") or {}).items()},
     )
+
+
+def _image_event(data: dict[str, Any]) -> ImageEvent | None:
+    action = str(data.get("Action") or data.get("status") or "")
+    actor = data.get("Actor") or {}
+    image = str(actor.get("ID") or data.get("id") or "")
+    if action not in IMAGE_ACTIONS or not image:
+        return None
+    name = str((actor.get("Attributes") or {}).get("name") or "")
+    return ImageEvent(action, image, name, int(data.get("timeNano") or 0))

@@ -533,3 +533,58 @@ class CatalogSettings(CommonSettings):
     @property
     def prefixes(self) -> list[str]:
         return self.prefix.split(",")
+
+
+class UpgraderSettings(CommonSettings):
+    docker_host: str = Field(
+        "unix:///var/run/docker.sock",
+        validation_alias=_env("docker_host", "DOCKER_HOST"),
+        description="Docker engine socket",
+    )
+    interval: float = Field(
+        300.0, gt=0, description="seconds between two checks of every tag (besides image events)"
+    )
+    pull: bool = Field(
+        False, description="ask each tag's registry for its digest; pull only when it moved"
+    )
+    all: bool = Field(
+        False, description="upgrade every container, not only those labelled pilotfish.upgrade=auto"
+    )
+    once: bool = Field(
+        False, description="one pass, then exit: 0 nothing to do or all upgraded, 1 a failure"
+    )
+    dry_run: bool = Field(False, description="print what would be upgraded and why, change nothing")
+    rollback: str = Field(
+        "", description="bring CONTAINER's kept previous version back (start-first), then exit"
+    )
+    health_timeout: float = Field(
+        60.0, gt=0, description="seconds the new container has to become healthy and registered"
+    )
+    route_timeout: float = Field(
+        30.0, gt=0, description="seconds every live discoverer has to route to the new container"
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds the old container's connections may take to finish"
+    )
+    admin_address: str = Field(
+        "127.0.0.1:9104", description="host:port for /healthz and /metrics, or off"
+    )
+
+    @field_validator("docker_host")
+    @classmethod
+    def _check_docker(cls, value: str) -> str:
+        if not value.startswith(("unix://", "tcp://", "http://", "https://")):
+            raise ValueError(f"{value!r} must start with unix:// or tcp://")
+        return value
+
+    @field_validator("admin_address")
+    @classmethod
+    def _check_admin(cls, value: str) -> str:
+        return _validate_admin(value)
+
+    @field_validator("rollback")
+    @classmethod
+    def _check_rollback(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value):
+            raise ValueError(f"{value!r} is not a container name or id")
+        return value

@@ -48,7 +48,7 @@ log = get_logger("pilotfish.registrar")
 # A kill with one of these (or a stop) means the process is going away; other
 # signals (HUP to reload, USR1 …) leave the registration alone.
 STOP_SIGNALS = frozenset({"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"})
-INSPECT_ACTIONS = frozenset({"start", "unpause", "health_status", "restart", INSPECT})
+INSPECT_ACTIONS = frozenset({"start", "unpause", "health_status", "restart", "rename", INSPECT})
 WITHDRAW_ACTIONS = frozenset({"die", "pause", "destroy"})
 # How long a stop/kill waits for etcd to hold the drain before the die may
 # delete it: long enough for a healthy etcd, short enough not to stall the lane.
@@ -142,7 +142,7 @@ class Registrar:
             async for item in stream:
                 if isinstance(item, RunningContainers):
                     self._apply_snapshot(item)
-                else:
+                elif isinstance(item, ContainerEvent):
                     self._dispatch(item)
 
     async def close(self) -> None:
