@@ -28,6 +28,7 @@ from agents.common.settings import (
     DiscovererSettings,
     RegistrarSettings,
 )
+from agents.env.command import add_env_command, run_env
 
 COMMANDS: dict[str, tuple[type[CommonSettings], str]] = {
     "register": (RegistrarSettings, "register this host's containers in etcd"),
@@ -46,9 +47,13 @@ def _env_only(field: Any) -> bool:
     return isinstance(extra, dict) and extra.get("env_only") is True
 
 
-def _add_flags(parser: argparse.ArgumentParser, model: type[CommonSettings]) -> None:
+def _add_flags(
+    parser: argparse.ArgumentParser,
+    model: type[CommonSettings],
+    skip: frozenset[str] = frozenset(),
+) -> None:
     for name, field in model.model_fields.items():
-        if _env_only(field):
+        if _env_only(field) or name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         env = f"PILOTFISH_{name.upper()}"
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (model, help_text) in COMMANDS.items():
         _add_flags(sub.add_parser(command, help=help_text, description=help_text), model)
+    add_env_command(sub, _add_flags)
     return parser
 
 
@@ -124,6 +130,8 @@ def preflight(settings: CommonSettings) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    if command == "env":
+        return run_env(args, describe_error)
     try:
         settings = load_settings(command, args)
     except ValidationError as error:

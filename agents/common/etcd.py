@@ -72,6 +72,23 @@ def is_refused_for_good(error: BaseException) -> bool:
     )
 
 
+def is_permission_denied(error: BaseException) -> bool:
+    """etcd's access control refused the request (the user's roles do not allow it)."""
+    cause = error.__cause__
+    if isinstance(cause, aetcd.rpc.AioRpcError):
+        return bool(cause.code() == grpc.StatusCode.PERMISSION_DENIED)
+    return "permission denied" in str(error)
+
+
+class AuthenticationRefused(EtcdError):  # type: ignore[misc,valid-type]
+    """etcd refused the user name or password: retrying with the same ones cannot help."""
+
+
+# etcd's answers that mean "no token needed / token missing" (etcd 3.4 has no AuthStatus).
+_AUTH_NOT_ENABLED = "authentication is not enabled"
+_USER_EMPTY = "user name is empty"
+
+
 def grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
     """(host, port) for aetcd, which joins them as ``host:port``.
 
@@ -168,6 +185,9 @@ class Etcd:
         self.request_count = 0  # every RPC this process made (for benchmarks)
         self.username, self.password = settings.etcd_username, settings.etcd_password
         self._auth_lock = asyncio.Lock()
+        # Credentials given, but etcd has authentication off: calls go without a
+        # token until etcd asks for one (someone enabled authentication).
+        self.auth_off = False
 
     async def __aenter__(self) -> Etcd:
         await self.client.connect()
@@ -195,14 +215,18 @@ class Etcd:
     async def _call(self, call: Callable[[], Awaitable[Any]], deadline: float | None = None) -> Any:
         """``call()`` within ``deadline``; once more after renewing a rejected auth token."""
         timeout = deadline or self.timeout
-        if self.username is not None and self.client.metadata is None:
+        if self.username is not None and self.client.metadata is None and not self.auth_off:
             await self._authenticate(None, timeout)
         token = self.client.metadata
         try:
             return await self._within(call, timeout)
-        except aetcd.exceptions.UnauthenticatedError:
-            if self.username is None:
+        except (aetcd.exceptions.UnauthenticatedError, aetcd.exceptions.InvalidArgumentError) as e:
+            token_wanted = isinstance(e, aetcd.exceptions.UnauthenticatedError) or (
+                _USER_EMPTY in str(e)
+            )
+            if self.username is None or not token_wanted:
                 raise
+        self.auth_off = False
         await self._authenticate(token, timeout)
         return await self._within(call, timeout)
 
@@ -231,7 +255,21 @@ class Etcd:
                     await self.client.connect()  # no-op once connected (aetcd connects lazily)
                     reply = await aetcd.rpc.AuthStub(self.client.channel).Authenticate(request)
             except aetcd.rpc.AioRpcError as error:
-                raise EtcdError(f"etcd authentication failed: {error.details()}") from None
+                details = error.details() or ""
+                if _AUTH_NOT_ENABLED in details:
+                    self.auth_off = True
+                    log.warning(
+                        "etcd has authentication off: the etcd user is not used and "
+                        "nothing stops this agent from writing into other environments",
+                        user=self.username,
+                    )
+                    return
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    reason = details.removeprefix("etcdserver: ")
+                    raise AuthenticationRefused(
+                        f"etcd refused user {self.username!r}: {reason}"
+                    ) from None
+                raise EtcdError(f"etcd authentication failed: {details}") from None
             except TimeoutError:
                 raise EtcdError(f"etcd authentication: no answer within {within}s") from None
             self.client.metadata = (("token", reply.token),)
@@ -240,6 +278,75 @@ class Etcd:
             if self.client._watcher is not None:
                 self.client._watcher._metadata = self.client.metadata
             log.info("etcd authenticated", user=self.username, renewed=rejected is not None)
+
+    async def auth(self, method: str, request: Any) -> Any:
+        """One call of etcd's Auth service (users, roles, permissions), which aetcd
+        does not wrap: its generated stub, with this client's token and deadline."""
+
+        async def call() -> Any:
+            await self.client.connect()
+            stub = getattr(aetcd.rpc.AuthStub(self.client.channel), method)
+            try:
+                return await stub(request, metadata=self.client.metadata)
+            except aetcd.rpc.AioRpcError as error:
+                raise _as_etcd_error(error) from error
+
+        return await self._call(call)
+
+    async def auth_enabled(self) -> bool:
+        """Whether etcd enforces authentication: a role list without a token is
+        refused then (etcd 3.4 has no AuthStatus call)."""
+
+        async def call() -> bool:
+            await self.client.connect()
+            try:
+                await aetcd.rpc.AuthStub(self.client.channel).RoleList(
+                    aetcd.rpc.AuthRoleListRequest()
+                )
+            except aetcd.rpc.AioRpcError as error:
+                if _USER_EMPTY in (error.details() or "") or error.code() in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ):
+                    return True
+                raise _as_etcd_error(error) from error
+            return False
+
+        return bool(await self._within(call, self.timeout))
+
+    async def may_read(self, key: str) -> bool:
+        """Whether this user may read ``key`` (a one-key range: nothing else is read)."""
+        try:
+            await self._call(lambda: self.client.get(key.encode()))
+        except EtcdError as error:
+            if is_permission_denied(error):
+                return False
+            raise
+        return True
+
+    async def may_write(self, key: str) -> bool:
+        """Whether this user may write ``key``, proven without writing it.
+
+        A transaction whose condition never holds (a version below 0) with the
+        put in its success branch: etcd checks the rights of every branch
+        before it evaluates the condition, so it answers "permission denied"
+        or "condition false", and the key is never touched.
+        """
+        ops = self.client.transactions
+        raw = key.encode()
+        try:
+            succeeded, _ = await self._call(
+                lambda: self.client.transaction(
+                    compare=[ops.version(raw) < 0], success=[ops.put(raw, b"")], failure=[]
+                )
+            )
+        except EtcdError as error:
+            if is_permission_denied(error):
+                return False
+            raise
+        if succeeded:  # cannot happen; if it did, the probe key was written: take it back
+            await self.delete(key)
+        return True
 
     @property
     def write_timeout(self) -> float:
@@ -298,6 +405,11 @@ class Etcd:
     async def delete(self, key: str) -> bool:
         result = await self._call(lambda: self.client.delete(key.encode()), self.write_timeout)
         return bool(result and result.deleted)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; how many were deleted."""
+        result = await self._call(lambda: self.client.delete_prefix(prefix.encode()))
+        return int(result.deleted) if result else 0
 
     async def grant(self, ttl: int) -> int:
         lease = await self._call(lambda: self.client.lease(ttl), self.write_timeout)
