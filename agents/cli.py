@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from agents import __version__
+from agents.common.access import AccessDenied
 from agents.common.logging import configure_logging
 from agents.common.runner import install_event_loop_policy, run_until_signal
 from agents.common.settings import (
@@ -144,6 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     install_event_loop_policy()
+    try:
+        _serve(command, settings)
+    except AccessDenied as error:  # the user's etcd rights: one line, no retry loop
+        print(f"pilotfish {command}: {error}", file=sys.stderr)
+        _leave(2)
+    _leave(0)
+
+
+def _serve(command: str, settings: CommonSettings) -> None:
     if command == "register":
         from agents.registrar.agent import serve as serve_registrar
         from agents.registrar.host_claim import HostIdTaken
@@ -163,7 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         assert isinstance(settings, DiscovererSettings)
         asyncio.run(run_until_signal(lambda stop: serve_discoverer(settings, stop)))
-    _leave(0)
 
 
 def _leave(code: int) -> NoReturn:

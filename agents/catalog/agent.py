@@ -15,6 +15,7 @@ from aiohttp import web
 from agents.catalog.hosts import HostClaims
 from agents.catalog.server import CatalogServer, Env
 from agents.catalog.state import ServiceIndex
+from agents.common.access import checked, ensure_access
 from agents.common.etcd import Etcd
 from agents.common.logging import get_logger
 from agents.common.prefix_source import EtcdSource
@@ -59,6 +60,9 @@ async def serve(settings: CatalogSettings, stop: asyncio.Event) -> None:
         asyncio.create_task(follow(sources[p], envs[p], listed[p]), name=f"catalog {p}")
         for p in envs
     ]
+    tasks[0] = asyncio.create_task(
+        checked(ensure_access(etcd, "catalog", settings.prefixes), tasks[0]), name="access"
+    )
     ready = asyncio.create_task(_announce_ready(listed))
     # Alive while every source's loop runs (an etcd outage is not a reason to restart).
     watchdog = asyncio.create_task(watchdog_loop(lambda: not any(t.done() for t in tasks)))

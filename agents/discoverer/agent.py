@@ -19,6 +19,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from agents.common.access import checked, ensure_access
 from agents.common.admin import AdminServer, process_registry
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd
@@ -289,7 +290,10 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
         services=sorted(settings.service_filter) or "all",
     )
     await admin.start()
-    loop = asyncio.create_task(discoverer.run(), name="discoverer")
+    loop = asyncio.create_task(
+        checked(ensure_access(etcd, "discoverer", [settings.prefix]), discoverer.run()),
+        name="discoverer",
+    )
     # Not discoverer.health(): an empty-prefix alarm must not get us restarted
     # (we hold the last known servers on purpose); a stuck loop or a dead HAProxy must.
     watchdog = asyncio.create_task(
