@@ -84,13 +84,13 @@ def _nested(one: str, other: str) -> bool:
     return one == other or one.startswith(other + "/") or other.startswith(one + "/")
 
 
-def verdict(user: str | None, results: dict[Probe, bool]) -> tuple[list[str], list[str]]:
-    """(fatal problems, warnings), one line each, from the probes' answers."""
+def verdict(user: str | None, results: list[tuple[Probe, bool]]) -> tuple[list[str], list[str]]:
+    """(fatal problems, warnings), one line each, from the probes' answers (in probe order)."""
     who = f"etcd user {user!r}" if user else "this agent (no etcd user)"
     fatal: list[str] = []
     warnings: list[str] = []
     # What it lacks first: that is what a wrong prefix or user shows as.
-    for probe, allowed in sorted(results.items(), key=lambda item: (not item[0].allowed, item[0])):
+    for probe, allowed in sorted(results, key=lambda item: not item[0].allowed):
         if allowed == probe.allowed:
             continue
         where = probe.key.removesuffix(PROBE)
@@ -142,19 +142,22 @@ async def check_access(etcd: Etcd, agent: Agent, prefixes: list[str]) -> list[st
     """Prove the rights of ``agent``; the warnings. Raises :class:`AccessDenied`."""
     if not await etcd.auth_enabled():
         return await _roles_unenforced(etcd, prefixes, "authentication is off")
-    if etcd.username is None:
-        raise AccessDenied(
-            "etcd has authentication on: give --etcd-username and the password "
-            "(PILOTFISH_ETCD_PASSWORD or --etcd-password-file)"
+    writer = agent in ("registrar", "upgrader")
+    try:
+        siblings = await sibling_prefixes(etcd, prefixes[0]) if writer else []
+        probes = probes_for(agent, prefixes, siblings)
+        answers = await asyncio.gather(
+            *(etcd.may_write(p.key) if p.op == "write" else etcd.may_read(p.key) for p in probes)
         )
-    siblings = (
-        await sibling_prefixes(etcd, prefixes[0]) if agent in ("registrar", "upgrader") else []
-    )
-    probes = probes_for(agent, prefixes, siblings)
-    answers = await asyncio.gather(
-        *(etcd.may_write(p.key) if p.op == "write" else etcd.may_read(p.key) for p in probes)
-    )
-    fatal, warnings = verdict(etcd.username, dict(zip(probes, answers, strict=True)))
+    except EtcdError as error:
+        # No user, and no client certificate naming one: etcd knows no one to check.
+        if etcd.username is None and "user name" in str(error):
+            raise AccessDenied(
+                "etcd has authentication on: give --etcd-username and the password "
+                "(PILOTFISH_ETCD_PASSWORD or --etcd-password-file)"
+            ) from None
+        raise
+    fatal, warnings = verdict(etcd.username, list(zip(probes, answers, strict=True)))
     if fatal:
         more = f" (and {len(fatal) - 1} more problems)" if len(fatal) > 1 else ""
         raise AccessDenied(fatal[0] + more)

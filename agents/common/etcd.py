@@ -87,6 +87,7 @@ class AuthenticationRefused(EtcdError):  # type: ignore[misc,valid-type]
 # etcd's answers that mean "no token needed / token missing" (etcd 3.4 has no AuthStatus).
 _AUTH_NOT_ENABLED = "authentication is not enabled"
 _USER_EMPTY = "user name is empty"
+_INVALID_TOKEN = "invalid auth token"
 
 
 def grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
@@ -294,23 +295,35 @@ class Etcd:
         return await self._call(call)
 
     async def auth_enabled(self) -> bool:
-        """Whether etcd enforces authentication: a role list without a token is
-        refused then (etcd 3.4 has no AuthStatus call)."""
+        """Whether etcd enforces authentication.
+
+        etcd 3.4 has no AuthStatus call: there, authenticating a user that
+        cannot exist answers "not enabled" or "authentication failed". (A
+        token-less call would not do: with client certificates, etcd takes the
+        certificate's name as the user.)
+        """
 
         async def call() -> bool:
             await self.client.connect()
+            stub = aetcd.rpc.AuthStub(self.client.channel)
             try:
-                await aetcd.rpc.AuthStub(self.client.channel).RoleList(
-                    aetcd.rpc.AuthRoleListRequest()
+                reply = await stub.Status(aetcd.rpc.AuthStatusRequest())
+                return bool(reply.enabled)
+            except (aetcd.rpc.AioRpcError, AttributeError) as error:
+                unknown = isinstance(error, AttributeError) or (
+                    error.code() == grpc.StatusCode.UNIMPLEMENTED
                 )
+                if not unknown:
+                    raise _as_etcd_error(error) from error
+            try:
+                await stub.Authenticate(aetcd.rpc.AuthenticateRequest(name="", password=""))
             except aetcd.rpc.AioRpcError as error:
-                if _USER_EMPTY in (error.details() or "") or error.code() in (
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                ):
-                    return True
+                if _AUTH_NOT_ENABLED in (error.details() or ""):
+                    return False
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    return True  # "authentication failed, invalid user ID or password"
                 raise _as_etcd_error(error) from error
-            return False
+            return True
 
         return bool(await self._within(call, self.timeout))
 
@@ -366,9 +379,18 @@ class Etcd:
         return result.header.revision, items
 
     async def revision(self) -> int:
-        """etcd's current store revision (one range request that matches no key)."""
-        result = await self._call(lambda: self.client.get_prefix(b"\0"))
-        return int(result.header.revision)
+        """etcd's current store revision (the member's status: needs no right on any key)."""
+
+        async def status() -> Any:
+            await self.client.connect()
+            try:
+                return await self.client.maintenancestub.Status(
+                    aetcd.rpc.StatusRequest(), metadata=self.client.metadata
+                )
+            except aetcd.rpc.AioRpcError as error:
+                raise _as_etcd_error(error) from error
+
+        return int((await self._call(status)).header.revision)
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         result = await self._call(
@@ -441,7 +463,7 @@ class Etcd:
         revision they saw + 1. ``on_created`` is called once etcd has accepted
         the watch (before any event), so callers can report it as healthy.
         """
-        watch = await self._call(
+        watch = await self._create_watch(
             lambda: self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
         )
         if on_created is not None:
@@ -488,7 +510,7 @@ class Etcd:
             return int(callback.watch_id)
 
         try:
-            return int(await self._call(create))
+            return int(await self._create_watch(create))
         except aetcd.exceptions.ConnectionTimeoutError as error:
             await self._reset_watch_stream(error)
             raise
@@ -498,6 +520,27 @@ class Etcd:
         watcher = self.client._watcher
         if watcher is not None:
             await self._call(lambda: watcher.cancel(watch_id))
+
+    async def _create_watch(self, create: Callable[[], Awaitable[Any]]) -> Any:
+        """``create()`` a watch; once more on a new stream if etcd refused a stale token.
+
+        etcd checks a watch's rights with the token its stream was opened with
+        and cancels the watch ("permission denied", or "invalid auth token" in
+        the cancel reason) when it no longer knows that token (it restarted, or
+        the token timed out before the stream was reopened); the unary calls'
+        renewal never sees it. So: a new token, a new stream, one more try; a
+        second refusal is a real one.
+        """
+        try:
+            return await self._call(create)
+        except EtcdError as error:
+            stale = is_permission_denied(error) or _INVALID_TOKEN in str(error)
+            if self.username is None or self.auth_off or not stale:
+                raise
+            refused = error
+        await self._authenticate(self.client.metadata, self.timeout)
+        await self._reset_watch_stream(refused)
+        return await self._call(create)
 
     async def _reset_watch_stream(self, error: Exception) -> None:
         watcher = self.client._watcher
@@ -518,6 +561,29 @@ def _channel_credentials(settings: CommonSettings) -> grpc.ChannelCredentials:
     )
 
 
+class _Watcher(aetcd.watcher.Watcher):  # type: ignore[misc]
+    """aetcd's watcher, told when etcd cancels a watch.
+
+    aetcd ignores a response's ``canceled`` flag: a watch etcd refused
+    ("permission denied") or ended would look created and stay silent forever.
+    Compaction keeps aetcd's own handling.
+    """
+
+    async def _handle_response(self, response: Any) -> None:
+        if not response.canceled or response.compact_revision != 0:
+            await super()._handle_response(response)
+            return
+        error = aetcd.exceptions.ClientError(response.cancel_reason or "watch canceled by etcd")
+        async with self._lock:
+            if response.created and self._new_callback is not None:
+                self._new_callback.error = error  # add_callback raises it
+                self._new_callback_ready.notify_all()
+                return
+            callback = self._callbacks.pop(response.watch_id, None)
+        if callback is not None:
+            await self._process_callback(callback, error)
+
+
 class _Client(aetcd.Client):  # type: ignore[misc]
     """aetcd's client, over TLS when given channel credentials.
 
@@ -534,6 +600,9 @@ class _Client(aetcd.Client):  # type: ignore[misc]
     async def connect(self) -> None:
         if self._channel_credentials is None:
             await super().connect()
+            if not isinstance(getattr(self, "_watcher", None), _Watcher):  # no await since made
+                stub = aetcd.rpc.WatchStub(getattr(self, "channel"))  # noqa: B009 (untyped)
+                self._watcher = _Watcher(stub, timeout=self._timeout, metadata=self.metadata)
             return
         if self._connected.is_set():
             return
@@ -545,7 +614,7 @@ class _Client(aetcd.Client):  # type: ignore[misc]
         self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
         self.leasestub = aetcd.rpc.LeaseStub(self.channel)
         self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(
+        self._watcher = _Watcher(
             aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()

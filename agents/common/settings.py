@@ -506,6 +506,10 @@ class EnvSettings(CommonSettings):
         False, description="turn etcd's authentication on, creating the root user it needs"
     )
     rotate: bool = Field(False, description="give the environment's users new passwords")
+    rotate_users: str = Field(
+        "registrar,discoverer",
+        description="whose passwords --rotate renews: registrar, discoverer, or both",
+    )
     purge: bool = Field(False, description="env delete: delete the environment's keys too")
     agent_etcd_host: str = Field(
         "", description="etcd endpoints as the agents reach them (default: --etcd-host)"
@@ -526,6 +530,14 @@ class EnvSettings(CommonSettings):
             if not re.fullmatch(PREFIX_PATTERN, value):
                 raise ValueError(f"must look like /name or /a/b, got {value!r}")
         return value
+
+    @field_validator("rotate_users")
+    @classmethod
+    def _check_rotate_users(cls, value: str) -> str:
+        kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
+        if not kinds or not set(kinds) <= {"registrar", "discoverer"}:
+            raise ValueError("must be registrar, discoverer or registrar,discoverer")
+        return ",".join(kinds)
 
     @field_validator("agent_etcd_host")
     @classmethod

@@ -128,9 +128,10 @@ async def _state(etcd: Etcd, settings: EnvSettings) -> AuthState:
 async def create(etcd: Etcd, env: Environment, settings: EnvSettings) -> list[str]:
     state = await _state(etcd, settings)
     known = _known_passwords(settings, env)
+    renewed = set(settings.rotate_users.split(",")) if settings.rotate else set()
     for kind in KINDS:
         user = env.user(kind)
-        if user not in state.users or settings.rotate:
+        if user not in state.users or kind in renewed:
             continue
         password = known.get(kind)
         if password is None:
@@ -145,7 +146,7 @@ async def create(etcd: Etcd, env: Environment, settings: EnvSettings) -> list[st
             )
     done: list[str] = []
     passwords = dict(known)
-    for action in plan_create(env, state, KINDS if settings.rotate else ()):
+    for action in plan_create(env, state, [k for k in KINDS if k in renewed]):
         password = None
         if isinstance(action, AddUser | ChangePassword):
             password = passwords[action.kind] = new_password()
