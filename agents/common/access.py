@@ -18,7 +18,7 @@ The decisions (:func:`probes_for`, :func:`verdict`) are pure.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -26,6 +26,8 @@ from agents.common.backoff import Backoff
 from agents.common.etcd import AuthenticationRefused, Etcd, EtcdError, is_permission_denied
 from agents.common.logging import describe, get_logger
 from agents.common.schema import ENVIRONMENTS_PREFIX, SchemaError, parse_environment
+from agents.env.auth import read_state
+from agents.env.model import AuthState, Permission, roles_covering
 
 log = get_logger("pilotfish.access")
 
@@ -140,8 +142,11 @@ async def sibling_prefixes(etcd: Etcd, own: str) -> list[str]:
 
 async def check_access(etcd: Etcd, agent: Agent, prefixes: list[str]) -> list[str]:
     """Prove the rights of ``agent``; the warnings. Raises :class:`AccessDenied`."""
-    if not await etcd.auth_enabled():
-        return await _roles_unenforced(etcd, prefixes, "authentication is off")
+    enabled = await etcd.auth_enabled()
+    state = await _state_if_root(etcd)
+    if state is not None:  # root's rights: everything allowed, nothing to prove refused
+        why = f"it runs as {etcd.username!r}" if enabled else "authentication is off"
+        return roles_unenforced(prefixes, state.roles, why)
     writer = agent in ("registrar", "upgrader")
     try:
         siblings = await sibling_prefixes(etcd, prefixes[0]) if writer else []
@@ -161,28 +166,31 @@ async def check_access(etcd: Etcd, agent: Agent, prefixes: list[str]) -> list[st
     if fatal:
         more = f" (and {len(fatal) - 1} more problems)" if len(fatal) > 1 else ""
         raise AccessDenied(fatal[0] + more)
-    return warnings + await _roles_unenforced(etcd, prefixes, f"it runs as {etcd.username!r}")
+    return warnings
 
 
-async def _roles_unenforced(etcd: Etcd, prefixes: list[str], why: str) -> list[str]:
-    """A warning when this agent has root's rights (etcd's root, or authentication
-    off) in an environment that has roles: nothing stops it writing anywhere."""
-    from agents.env.auth import read_state  # the operator side: loaded only here
-    from agents.env.model import roles_covering
-
+async def _state_if_root(etcd: Etcd) -> AuthState | None:
+    """etcd's users and roles if this agent may read them (root, or authentication
+    off); None for everyone else."""
     try:
-        state = await read_state(etcd)
+        return await read_state(etcd)
     except EtcdError as error:
-        if is_permission_denied(error):
-            return []  # not root: the normal case
+        if is_permission_denied(error) or "user name" in str(error):
+            return None  # not root: the normal case
         raise
+
+
+def roles_unenforced(
+    prefixes: list[str], roles: Mapping[str, frozenset[Permission]], why: str
+) -> list[str]:
+    """A warning per prefix that has roles while this agent has root's rights."""
     warnings = []
     for prefix in prefixes:
-        roles = roles_covering(prefix, state.roles)
-        if roles:
+        covering = roles_covering(prefix, roles)
+        if covering:
             warnings.append(
                 f"this agent has etcd's root rights ({why}) in {prefix}, which has roles "
-                f"({', '.join(roles)}): nothing keeps it out of other environments; "
+                f"({', '.join(covering)}): nothing keeps it out of other environments; "
                 "give it the environment's user (pilotfish env create)"
             )
     return warnings
