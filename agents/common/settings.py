@@ -520,6 +520,11 @@ class EnvSettings(CommonSettings):
     agent_key: str | None = Field(
         None, description="client key the agents use, with --agent-cert (default: --etcd-key)"
     )
+    agent_tls_paths: bool = Field(
+        True,
+        description="write the certificate paths into the environment files (--no-agent-tls-paths: "
+        "the agents get them elsewhere, e.g. systemd's LoadCredential)",
+    )
     output: Literal["text", "json"] = Field("text", description="env list: text or json")
 
     @field_validator("env_prefix")

@@ -189,7 +189,7 @@ def _known_passwords(settings: EnvSettings, env: Environment) -> dict[Kind, str]
 
 def _connection(settings: EnvSettings) -> dict[str, str | None]:
     def absolute(path: str | None) -> str | None:
-        return str(Path(path).absolute()) if path else None
+        return str(Path(path).absolute()) if path and settings.agent_tls_paths else None
 
     return {
         "PILOTFISH_ETCD_HOST": settings.agent_etcd_host or settings.etcd_host,
