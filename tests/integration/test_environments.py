@@ -523,3 +523,71 @@ def test_environment_files_are_private_and_name_the_environment(world: World) ->
         "dev": "/pilotfish/dev",
         "prod": "/pilotfish/prod",
     }
+
+
+async def test_a_discoverer_and_a_catalog_with_another_environments_user_stop_at_once(
+    world: World,
+) -> None:
+    dev = world.env_vars("dev", "discoverer")
+    wrong = {**dev, "PILOTFISH_PREFIX": "/pilotfish/prod"}
+    state_dir = world.log_dir.parent / "d-wrong"
+    _consumer, flags = discoverer_flags(dev["PILOTFISH_ETCD_HOST"], "/pilotfish/prod", state_dir)
+    discoverer = Agent.start(
+        "dev-discoverer-in-prod", "discover", flags, world.log_dir, str(state_dir), env=wrong
+    )
+    catalog = Agent.start(
+        "dev-catalog-in-prod",
+        "catalog",
+        {"address": f"127.0.0.1:{free_port()}"},
+        world.log_dir,
+        env=wrong,
+    )
+    try:
+        for agent, command in ((discoverer, "discover"), (catalog, "catalog")):
+            assert await exit_code(agent) == 2, agent.tail()
+            (line,) = agent_lines(agent, f"pilotfish {command}:")
+            assert "may not read /pilotfish/prod/services/" in line, line
+    finally:
+        discoverer.stop()
+        catalog.stop()
+
+
+async def test_an_agent_running_as_root_in_an_environment_with_roles_is_warned(
+    world: World,
+) -> None:
+    root = world.root_settings(PILOTFISH_PREFIX="/pilotfish/dev")
+    agent = world.start_registrar("dev", "dev-as-root", "as-root", **root)
+    try:
+
+        async def warned() -> bool:
+            return bool(log_events(agent, "this agent has etcd's root rights"))
+
+        await wait_for(warned, WITHIN, what="the root warning")
+        (warning,) = log_events(agent, "this agent has etcd's root rights")
+        assert warning["level"] == "warning" and "pilotfish-dev-registrar" in warning["event"]
+        assert agent.alive()
+    finally:
+        agent.stop()
+
+
+async def test_delete_removes_users_roles_and_files_and_purge_the_keys(world: World) -> None:
+    common = ["--env-dir", str(world.env_dir)]
+    root = world.root_settings()
+    created = world.pilotfish("env", "create", "scratch", *common, **root)
+    assert created.returncode == 0, created.stderr
+    scratch = world.env_vars("scratch", "registrar")
+    async with world.client(scratch) as etcd:
+        await etcd.put("/pilotfish/scratch/services/x", b"{}")
+    deleted = world.pilotfish("env", "delete", "scratch", "--purge", *common, **root)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "delete role pilotfish-scratch-registrar" in deleted.stdout
+    assert "delete the 1 keys under /pilotfish/scratch/" in deleted.stdout
+    assert not (world.env_dir / "scratch" / "registrar.env").exists()
+    assert await keys_under(world, "/pilotfish/scratch/") == {}
+    listing = json.loads(world.pilotfish("env", "list", "--output", "json", **root).stdout)
+    assert sorted(e["name"] for e in listing["environments"]) == ["dev", "prod"]
+    with pytest.raises(EtcdError, match="refused user"):
+        async with world.client(scratch) as etcd:
+            await etcd.get_prefix("/pilotfish/scratch/")
+    again = world.pilotfish("env", "delete", "scratch", *common, **root)
+    assert again.returncode == 0 and "nothing to delete" in again.stdout, again
