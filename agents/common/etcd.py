@@ -343,7 +343,9 @@ class Etcd:
         A transaction whose condition never holds (a version below 0) with the
         put in its success branch: etcd checks the rights of every branch
         before it evaluates the condition, so it answers "permission denied"
-        or "condition false", and the key is never touched.
+        or "condition false", and the key is never touched. (The condition
+        reads the key: a write-only grant answers False. Every role that
+        pilotfish env creates reads wherever it writes.)
         """
         ops = self.client.transactions
         raw = key.encode()
