@@ -260,8 +260,8 @@ class Etcd:
                 if _AUTH_NOT_ENABLED in details:
                     self.auth_off = True
                     log.warning(
-                        "etcd has authentication off: the etcd user is not used and "
-                        "nothing stops this agent from writing into other environments",
+                        "etcd has authentication off: the etcd user is not used, "
+                        "and etcd's access control keeps no environment apart",
                         user=self.username,
                     )
                     return
