@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from agents import __version__
+from agents.common.access import AccessDenied
 from agents.common.logging import configure_logging
 from agents.common.runner import install_event_loop_policy, run_until_signal
 from agents.common.settings import (
@@ -29,6 +30,7 @@ from agents.common.settings import (
     RegistrarSettings,
     UpgraderSettings,
 )
+from agents.env.command import add_env_command, run_env
 from agents.registrar import drain_command
 
 COMMANDS: dict[str, tuple[type[CommonSettings], str]] = {
@@ -49,9 +51,13 @@ def _env_only(field: Any) -> bool:
     return isinstance(extra, dict) and extra.get("env_only") is True
 
 
-def _add_flags(parser: argparse.ArgumentParser, model: type[CommonSettings]) -> None:
+def _add_flags(
+    parser: argparse.ArgumentParser,
+    model: type[CommonSettings],
+    skip: frozenset[str] = frozenset(),
+) -> None:
     for name, field in model.model_fields.items():
-        if _env_only(field):
+        if _env_only(field) or name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         env = f"PILOTFISH_{name.upper()}"
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command, (model, help_text) in COMMANDS.items():
         _add_flags(sub.add_parser(command, help=help_text, description=help_text), model)
     drain_command.add_parsers(sub, _add_flags)
+    add_env_command(sub, _add_flags)
     return parser
 
 
@@ -130,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.pop("command")
     if command in drain_command.COMMANDS:
         return drain_command.main(command, args)
+    if command == "env":
+        return run_env(args, describe_error)
     try:
         settings = load_settings(command, args)
     except ValidationError as error:
@@ -142,6 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     install_event_loop_policy()
+    try:
+        _serve(command, settings)
+    except AccessDenied as error:  # the user's etcd rights: one line, no retry loop
+        print(f"pilotfish {command}: {error}", file=sys.stderr)
+        _leave(2)
+    _leave(0)
+
+
+def _serve(command: str, settings: CommonSettings) -> None:
     if command == "register":
         from agents.registrar.agent import serve as serve_registrar
         from agents.registrar.host_claim import HostIdTaken
@@ -166,7 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         assert isinstance(settings, DiscovererSettings)
         asyncio.run(run_until_signal(lambda stop: serve_discoverer(settings, stop)))
-    _leave(0)
 
 
 def _leave(code: int) -> NoReturn:

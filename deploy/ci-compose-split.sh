@@ -5,8 +5,11 @@
 # the dev profile, a second engine with its own bridge, publishing on
 # 127.0.232.1, runs the test profile. Both discoverers share this machine's
 # network, as two consumers of one host would: dev binds 127.0.0.1, test
-# 127.0.0.3. Checked: each prefix holds only its own environment's whoami,
-# and each consumer address only ever answers from its own environment.
+# 127.0.0.3. etcd has authentication on: `pilotfish env create` (run from the
+# registrar image) makes dev's and test's users, and each profile's agents
+# read their environment's file. Checked: each prefix holds only its own
+# environment's whoami, each consumer address only ever answers from its own
+# environment, and dev's registrar user is refused in /test.
 #
 #   deploy/ci-compose-split.sh    # PF_KEEP=1 leaves everything up
 set -euo pipefail
@@ -55,6 +58,7 @@ down() {
         "${test[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
         "${dev[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
         "${shared[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+        rm -rf "${envs:-}"
         engine_down docker-test
         [[ -n "${PF_EXTERNAL_DOCKER:-}" ]] || dockerd_down
     fi
@@ -65,13 +69,42 @@ trap down EXIT
 
 up_start=$SECONDS
 "${shared[@]}" up -d >&2
+
+# The environments: etcd's own access control keeps dev out of /test.
+envs="$PF_DEPLOY_DIR/environments$$"
+mkdir -p "$envs"
+root_password="$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')"
+etcdctl_root() { ETCDCTL_API=3 etcdctl --endpoints "$ETCD_PUBLISH" --user "root:$root_password" "$@"; }
+pilotfish_env() {  # pilotfish_env ARGS...: `pilotfish env` from the registrar image, as root
+    DOCKER_HOST="$DEV_DOCKER_HOST" docker run --rm --network host --user 0 -e PILOTFISH_RUN_AS= \
+        -v "$envs:$envs" -e PILOTFISH_ETCD_HOST="$ETCD_PUBLISH" -e PILOTFISH_ETCD_USERNAME=root \
+        -e PILOTFISH_ETCD_PASSWORD="$root_password" "$PF_REGISTRAR_IMAGE" \
+        pilotfish env "$@" --env-dir "$envs"
+}
+etcd_answers() { ETCDCTL_API=3 etcdctl --endpoints "$ETCD_PUBLISH" endpoint health >/dev/null 2>&1; }
+wait_for 60 "etcd answering on $ETCD_PUBLISH" etcd_answers
+pilotfish_env create dev --env-prefix /dev --enable-auth >&2
+pilotfish_env create test --env-prefix /test >&2
+pilotfish_env list >&2
+for environment in dev test; do
+    for kind in registrar discoverer; do
+        export "${environment^^}_${kind^^}_ENV=$envs/$environment/$kind.env"
+    done
+done
+dev_user="$(sed -n 's/^PILOTFISH_ETCD_USERNAME=//p' "$envs/dev/registrar.env")"
+dev_password="$(sed -n 's/^PILOTFISH_ETCD_PASSWORD=//p' "$envs/dev/registrar.env")"
+if ETCDCTL_API=3 etcdctl --endpoints "$ETCD_PUBLISH" --user "$dev_user:$dev_password" \
+    put /test/services/whoami/intruder/0123456789ab:8080 '{}' >/dev/null 2>&1; then
+    log "dev's registrar user could write into /test"; exit 1
+fi
+log "etcd refuses dev's registrar user in /test"
+
 "${dev[@]}" up -d >&2
 "${test[@]}" up -d >&2
 log "three projects up in $((SECONDS - up_start)) s"
 
 addresses() {  # addresses PREFIX: the whoami instances' addresses under PREFIX
-    ETCDCTL_API=3 etcdctl --endpoints "$ETCD_PUBLISH" get --prefix --print-value-only \
-        "$1/services/whoami/" 2>/dev/null | python3 -c '
+    etcdctl_root get --prefix --print-value-only "$1/services/whoami/" 2>/dev/null | python3 -c '
 import json, sys
 print(" ".join(sorted(json.loads(line)["address"] for line in sys.stdin if line.strip())))'
 }

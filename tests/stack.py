@@ -856,6 +856,34 @@ class Etcd(_Server):
         if sig == signal.SIGKILL:
             self._proc.terminate(timeout=5)  # reap, so alive() is right at once
 
+    def etcdctl(self, *args: str, user: str | None = None) -> str:
+        """``etcdctl`` (v3) against this member, over TLS with the client certificate if
+        it has one; ``user`` is ``name:password``."""
+        argv = [require_binary("etcdctl"), f"--endpoints={self.client_url}"]
+        if self.tls is not None:
+            argv += [
+                f"--cacert={self.tls.ca}",
+                f"--cert={self.tls.client_cert}",
+                f"--key={self.tls.client_key}",
+            ]
+        if user is not None:
+            argv.append(f"--user={user}")
+        done = subprocess.run(
+            [*argv, *args],
+            env={**os.environ, "ETCDCTL_API": "3"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if done.returncode != 0:
+            raise StackError(f"etcdctl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def enable_auth(self, password: str) -> None:
+        """Authentication on, with etcd's ``root`` user (``password``) holding the root role."""
+        self.etcdctl("user", "add", f"root:{password}")
+        self.etcdctl("auth", "enable")  # etcdctl grants root the root role first
+
     def pause(self) -> None:
         """SIGSTOP: the member is frozen, its connections stay open (a hung host)."""
         self._proc.signal(signal.SIGSTOP)

@@ -16,6 +16,7 @@ from agents.catalog.consumers import DiscovererStatuses
 from agents.catalog.hosts import HostClaims
 from agents.catalog.server import CatalogServer, Env
 from agents.catalog.state import ServiceIndex
+from agents.common.access import checked, ensure_access
 from agents.common.etcd import Etcd
 from agents.common.logging import get_logger
 from agents.common.prefix_source import EtcdSource
@@ -62,6 +63,9 @@ async def serve(settings: CatalogSettings, stop: asyncio.Event) -> None:
         asyncio.create_task(follow(sources[p], envs[p], listed[p]), name=f"catalog {p}")
         for p in envs
     ]
+    tasks[0] = asyncio.create_task(
+        checked(ensure_access(etcd, "catalog", settings.prefixes), tasks[0]), name="access"
+    )
     ready = asyncio.create_task(_announce_ready(listed))
     # Alive while every source's loop runs (an etcd outage is not a reason to restart).
     watchdog = asyncio.create_task(watchdog_loop(lambda: not any(t.done() for t in tasks)))

@@ -72,6 +72,24 @@ def is_refused_for_good(error: BaseException) -> bool:
     )
 
 
+def is_permission_denied(error: BaseException) -> bool:
+    """etcd's access control refused the request (the user's roles do not allow it)."""
+    cause = error.__cause__
+    if isinstance(cause, aetcd.rpc.AioRpcError):
+        return bool(cause.code() == grpc.StatusCode.PERMISSION_DENIED)
+    return "permission denied" in str(error)
+
+
+class AuthenticationRefused(EtcdError):  # type: ignore[misc,valid-type]
+    """etcd refused the user name or password: retrying with the same ones cannot help."""
+
+
+# etcd's answers that mean "no token needed / token missing" (etcd 3.4 has no AuthStatus).
+_AUTH_NOT_ENABLED = "authentication is not enabled"
+_USER_EMPTY = "user name is empty"
+_INVALID_TOKEN = "invalid auth token"
+
+
 def grpc_target(endpoints: list[tuple[str, int]]) -> tuple[str, int]:
     """(host, port) for aetcd, which joins them as ``host:port``.
 
@@ -168,6 +186,9 @@ class Etcd:
         self.request_count = 0  # every RPC this process made (for benchmarks)
         self.username, self.password = settings.etcd_username, settings.etcd_password
         self._auth_lock = asyncio.Lock()
+        # Credentials given, but etcd has authentication off: calls go without a
+        # token until etcd asks for one (someone enabled authentication).
+        self.auth_off = False
 
     async def __aenter__(self) -> Etcd:
         await self.client.connect()
@@ -195,14 +216,18 @@ class Etcd:
     async def _call(self, call: Callable[[], Awaitable[Any]], deadline: float | None = None) -> Any:
         """``call()`` within ``deadline``; once more after renewing a rejected auth token."""
         timeout = deadline or self.timeout
-        if self.username is not None and self.client.metadata is None:
+        if self.username is not None and self.client.metadata is None and not self.auth_off:
             await self._authenticate(None, timeout)
         token = self.client.metadata
         try:
             return await self._within(call, timeout)
-        except aetcd.exceptions.UnauthenticatedError:
-            if self.username is None:
+        except (aetcd.exceptions.UnauthenticatedError, aetcd.exceptions.InvalidArgumentError) as e:
+            token_wanted = isinstance(e, aetcd.exceptions.UnauthenticatedError) or (
+                _USER_EMPTY in str(e)
+            )
+            if self.username is None or not token_wanted:
                 raise
+        self.auth_off = False
         await self._authenticate(token, timeout)
         return await self._within(call, timeout)
 
@@ -231,7 +256,21 @@ class Etcd:
                     await self.client.connect()  # no-op once connected (aetcd connects lazily)
                     reply = await aetcd.rpc.AuthStub(self.client.channel).Authenticate(request)
             except aetcd.rpc.AioRpcError as error:
-                raise EtcdError(f"etcd authentication failed: {error.details()}") from None
+                details = error.details() or ""
+                if _AUTH_NOT_ENABLED in details:
+                    self.auth_off = True
+                    log.warning(
+                        "etcd has authentication off: the etcd user is not used, "
+                        "and etcd's access control keeps no environment apart",
+                        user=self.username,
+                    )
+                    return
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    reason = details.removeprefix("etcdserver: ")
+                    raise AuthenticationRefused(
+                        f"etcd refused user {self.username!r}: {reason}"
+                    ) from None
+                raise EtcdError(f"etcd authentication failed: {details}") from None
             except TimeoutError:
                 raise EtcdError(f"etcd authentication: no answer within {within}s") from None
             self.client.metadata = (("token", reply.token),)
@@ -240,6 +279,89 @@ class Etcd:
             if self.client._watcher is not None:
                 self.client._watcher._metadata = self.client.metadata
             log.info("etcd authenticated", user=self.username, renewed=rejected is not None)
+
+    async def auth(self, method: str, request: Any) -> Any:
+        """One call of etcd's Auth service (users, roles, permissions), which aetcd
+        does not wrap: its generated stub, with this client's token and deadline."""
+
+        async def call() -> Any:
+            await self.client.connect()
+            stub = getattr(aetcd.rpc.AuthStub(self.client.channel), method)
+            try:
+                return await stub(request, metadata=self.client.metadata)
+            except aetcd.rpc.AioRpcError as error:
+                raise _as_etcd_error(error) from error
+
+        return await self._call(call)
+
+    async def auth_enabled(self) -> bool:
+        """Whether etcd enforces authentication.
+
+        etcd 3.4 has no AuthStatus call: there, authenticating a user that
+        cannot exist answers "not enabled" or "authentication failed". (A
+        token-less call would not do: with client certificates, etcd takes the
+        certificate's name as the user.)
+        """
+
+        async def call() -> bool:
+            await self.client.connect()
+            stub = aetcd.rpc.AuthStub(self.client.channel)
+            try:
+                reply = await stub.Status(aetcd.rpc.AuthStatusRequest())
+                return bool(reply.enabled)
+            except (aetcd.rpc.AioRpcError, AttributeError) as error:
+                unknown = isinstance(error, AttributeError) or (
+                    error.code() == grpc.StatusCode.UNIMPLEMENTED
+                )
+                if not unknown:
+                    raise _as_etcd_error(error) from error
+            try:
+                await stub.Authenticate(aetcd.rpc.AuthenticateRequest(name="", password=""))
+            except aetcd.rpc.AioRpcError as error:
+                if _AUTH_NOT_ENABLED in (error.details() or ""):
+                    return False
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    return True  # "authentication failed, invalid user ID or password"
+                raise _as_etcd_error(error) from error
+            return True
+
+        return bool(await self._within(call, self.timeout))
+
+    async def may_read(self, key: str) -> bool:
+        """Whether this user may read ``key`` (a one-key range: nothing else is read)."""
+        try:
+            await self._call(lambda: self.client.get(key.encode()))
+        except EtcdError as error:
+            if is_permission_denied(error):
+                return False
+            raise
+        return True
+
+    async def may_write(self, key: str) -> bool:
+        """Whether this user may write ``key``, proven without writing it.
+
+        A transaction whose condition never holds (a version below 0) with the
+        put in its success branch: etcd checks the rights of every branch
+        before it evaluates the condition, so it answers "permission denied"
+        or "condition false", and the key is never touched. (The condition
+        reads the key: a write-only grant answers False. Every role that
+        pilotfish env creates reads wherever it writes.)
+        """
+        ops = self.client.transactions
+        raw = key.encode()
+        try:
+            succeeded, _ = await self._call(
+                lambda: self.client.transaction(
+                    compare=[ops.version(raw) < 0], success=[ops.put(raw, b"")], failure=[]
+                )
+            )
+        except EtcdError as error:
+            if is_permission_denied(error):
+                return False
+            raise
+        if succeeded:  # cannot happen; if it did, the probe key was written: take it back
+            await self.delete(key)
+        return True
 
     @property
     def write_timeout(self) -> float:
@@ -259,9 +381,18 @@ class Etcd:
         return result.header.revision, items
 
     async def revision(self) -> int:
-        """etcd's current store revision (one range request that matches no key)."""
-        result = await self._call(lambda: self.client.get_prefix(b"\0"))
-        return int(result.header.revision)
+        """etcd's current store revision (the member's status: needs no right on any key)."""
+
+        async def status() -> Any:
+            await self.client.connect()
+            try:
+                return await self.client.maintenancestub.Status(
+                    aetcd.rpc.StatusRequest(), metadata=self.client.metadata
+                )
+            except aetcd.rpc.AioRpcError as error:
+                raise _as_etcd_error(error) from error
+
+        return int((await self._call(status)).header.revision)
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         result = await self._call(
@@ -299,6 +430,11 @@ class Etcd:
         result = await self._call(lambda: self.client.delete(key.encode()), self.write_timeout)
         return bool(result and result.deleted)
 
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; how many were deleted."""
+        result = await self._call(lambda: self.client.delete_prefix(prefix.encode()))
+        return int(result.deleted) if result else 0
+
     async def grant(self, ttl: int) -> int:
         lease = await self._call(lambda: self.client.lease(ttl), self.write_timeout)
         return int(lease.id)
@@ -329,7 +465,7 @@ class Etcd:
         revision they saw + 1. ``on_created`` is called once etcd has accepted
         the watch (before any event), so callers can report it as healthy.
         """
-        watch = await self._call(
+        watch = await self._create_watch(
             lambda: self.client.watch_prefix(prefix.encode(), start_revision=start_revision)
         )
         if on_created is not None:
@@ -376,7 +512,7 @@ class Etcd:
             return int(callback.watch_id)
 
         try:
-            return int(await self._call(create))
+            return int(await self._create_watch(create))
         except aetcd.exceptions.ConnectionTimeoutError as error:
             await self._reset_watch_stream(error)
             raise
@@ -386,6 +522,27 @@ class Etcd:
         watcher = self.client._watcher
         if watcher is not None:
             await self._call(lambda: watcher.cancel(watch_id))
+
+    async def _create_watch(self, create: Callable[[], Awaitable[Any]]) -> Any:
+        """``create()`` a watch; once more on a new stream if etcd refused a stale token.
+
+        etcd checks a watch's rights with the token its stream was opened with
+        and cancels the watch ("permission denied", or "invalid auth token" in
+        the cancel reason) when it no longer knows that token (it restarted, or
+        the token timed out before the stream was reopened); the unary calls'
+        renewal never sees it. So: a new token, a new stream, one more try; a
+        second refusal is a real one.
+        """
+        try:
+            return await self._call(create)
+        except EtcdError as error:
+            stale = is_permission_denied(error) or _INVALID_TOKEN in str(error)
+            if self.username is None or self.auth_off or not stale:
+                raise
+            refused = error
+        await self._authenticate(self.client.metadata, self.timeout)
+        await self._reset_watch_stream(refused)
+        return await self._call(create)
 
     async def _reset_watch_stream(self, error: Exception) -> None:
         watcher = self.client._watcher
@@ -406,6 +563,29 @@ def _channel_credentials(settings: CommonSettings) -> grpc.ChannelCredentials:
     )
 
 
+class _Watcher(aetcd.watcher.Watcher):  # type: ignore[misc]
+    """aetcd's watcher, told when etcd cancels a watch.
+
+    aetcd ignores a response's ``canceled`` flag: a watch etcd refused
+    ("permission denied") or ended would look created and stay silent forever.
+    Compaction keeps aetcd's own handling.
+    """
+
+    async def _handle_response(self, response: Any) -> None:
+        if not response.canceled or response.compact_revision != 0:
+            await super()._handle_response(response)
+            return
+        error = aetcd.exceptions.ClientError(response.cancel_reason or "watch canceled by etcd")
+        async with self._lock:
+            if response.created and self._new_callback is not None:
+                self._new_callback.error = error  # add_callback raises it
+                self._new_callback_ready.notify_all()
+                return
+            callback = self._callbacks.pop(response.watch_id, None)
+        if callback is not None:
+            await self._process_callback(callback, error)
+
+
 class _Client(aetcd.Client):  # type: ignore[misc]
     """aetcd's client, over TLS when given channel credentials.
 
@@ -422,6 +602,9 @@ class _Client(aetcd.Client):  # type: ignore[misc]
     async def connect(self) -> None:
         if self._channel_credentials is None:
             await super().connect()
+            if not isinstance(getattr(self, "_watcher", None), _Watcher):  # no await since made
+                stub = aetcd.rpc.WatchStub(getattr(self, "channel"))  # noqa: B009 (untyped)
+                self._watcher = _Watcher(stub, timeout=self._timeout, metadata=self.metadata)
             return
         if self._connected.is_set():
             return
@@ -433,7 +616,7 @@ class _Client(aetcd.Client):  # type: ignore[misc]
         self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
         self.leasestub = aetcd.rpc.LeaseStub(self.channel)
         self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(
+        self._watcher = _Watcher(
             aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()

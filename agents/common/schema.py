@@ -361,3 +361,38 @@ def _validate(model: type[_M], key: str, value: bytes | str, limit: int) -> _M:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "value"
         raise SchemaError(f"key {key!r}: {where}: {first['msg']}") from None
+
+
+# --- environments (written by ``pilotfish env create``, read by every agent) -------------
+
+# One key per environment: ``ENVIRONMENTS_PREFIX<name>``. Every environment's
+# roles may read them, so a registrar can name its siblings and prove that it
+# may not write there.
+ENVIRONMENTS_PREFIX = "/pilotfish-environments/"
+MAX_ENVIRONMENT_BYTES = 1024
+
+Prefix = Annotated[str, StringConstraints(pattern=PREFIX_PATTERN, max_length=256)]
+
+
+class EnvironmentRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+
+    version: Literal[1] = SCHEMA_VERSION
+    name: Name
+    prefix: Prefix
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def environment_key(name: str) -> str:
+    return ENVIRONMENTS_PREFIX + name
+
+
+def parse_environment(key: bytes | str, value: bytes | str) -> EnvironmentRecord:
+    """One environment record; :class:`SchemaError` with a one-line reason otherwise."""
+    key_text = _key_text(key)
+    record = _validate(EnvironmentRecord, key_text, value, MAX_ENVIRONMENT_BYTES)
+    if key_text != environment_key(record.name):
+        raise SchemaError(f"key {key_text!r} does not match its value")
+    return record

@@ -243,6 +243,11 @@ class RegistrarSettings(CommonSettings):
         False, description="register the container's own address and private port"
     )
     explicit: bool = Field(False, description="register only containers with pilotfish labels")
+    environment: str = Field(
+        "",
+        description="register only containers labelled pilotfish.environment=<this> "
+        "(a host that runs containers of several environments; default: every container)",
+    )
     deregister_on_exit: bool = Field(False, description="revoke the lease on SIGTERM")
     admin_address: str = Field(
         "127.0.0.1:9101", description="host:port for /healthz and /metrics, or off"
@@ -256,6 +261,13 @@ class RegistrarSettings(CommonSettings):
     @field_validator("host_id")
     @classmethod
     def _check_host_id(cls, value: str) -> str:
+        if value and not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError(f"{value!r} does not match {NAME_PATTERN}")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _check_environment(cls, value: str) -> str:
         if value and not re.fullmatch(NAME_PATTERN, value):
             raise ValueError(f"{value!r} does not match {NAME_PATTERN}")
         return value
@@ -587,4 +599,71 @@ class UpgraderSettings(CommonSettings):
     def _check_rollback(cls, value: str) -> str:
         if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value):
             raise ValueError(f"{value!r} is not a container name or id")
+        return value
+
+
+class EnvSettings(CommonSettings):
+    """``pilotfish env``: the operator's connection (etcd's root user) and what to write."""
+
+    env_dir: str = Field(
+        "/etc/pilotfish/environments",
+        description="directory of the environment files (<dir>/<name>/registrar.env, mode 0600)",
+    )
+    env_prefix: str = Field(
+        "", description="the environment's key prefix (default /pilotfish/<name>)"
+    )
+    enable_auth: bool = Field(
+        False, description="turn etcd's authentication on, creating the root user it needs"
+    )
+    rotate: bool = Field(False, description="give the environment's users new passwords")
+    rotate_users: str = Field(
+        "registrar,discoverer",
+        description="whose passwords --rotate renews: registrar, discoverer, or both",
+    )
+    purge: bool = Field(False, description="env delete: delete the environment's keys too")
+    agent_etcd_host: str = Field(
+        "", description="etcd endpoints as the agents reach them (default: --etcd-host)"
+    )
+    agent_cert: str | None = Field(
+        None, description="client certificate the agents use (default: --etcd-cert)"
+    )
+    agent_key: str | None = Field(
+        None, description="client key the agents use, with --agent-cert (default: --etcd-key)"
+    )
+    agent_tls_paths: bool = Field(
+        True,
+        description="write the certificate paths into the environment files (--no-agent-tls-paths: "
+        "the agents get them elsewhere, e.g. systemd's LoadCredential)",
+    )
+    output: Literal["text", "json"] = Field("text", description="env list: text or json")
+
+    @field_validator("env_prefix")
+    @classmethod
+    def _check_env_prefix(cls, value: str) -> str:
+        if value:
+            value = value.rstrip("/") or value
+            if not re.fullmatch(PREFIX_PATTERN, value):
+                raise ValueError(f"must look like /name or /a/b, got {value!r}")
+        return value
+
+    @field_validator("rotate_users")
+    @classmethod
+    def _check_rotate_users(cls, value: str) -> str:
+        kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
+        if not kinds or not set(kinds) <= {"registrar", "discoverer"}:
+            raise ValueError("must be registrar, discoverer or registrar,discoverer")
+        return ",".join(kinds)
+
+    @field_validator("agent_etcd_host")
+    @classmethod
+    def _check_agent_endpoints(cls, value: str) -> str:
+        if value:
+            parse_endpoints(value)
+        return value
+
+    @field_validator("agent_key")
+    @classmethod
+    def _check_agent_key_pair(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if (value is None) != (info.data.get("agent_cert") is None):
+            raise ValueError("--agent-cert and --agent-key go together")
         return value

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from agents.common.access import checked, ensure_access
 from agents.common.admin import AdminServer, process_registry
 from agents.common.backoff import Backoff
 from agents.common.etcd import Etcd
@@ -319,7 +320,10 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
         status_key=publisher.key if publisher else None,
     )
     await admin.start()
-    loop = asyncio.create_task(discoverer.run(), name="discoverer")
+    loop = asyncio.create_task(
+        checked(ensure_access(etcd, "discoverer", [settings.prefix]), discoverer.run()),
+        name="discoverer",
+    )
     status = asyncio.create_task(_publish(publisher), name="status")
     # Not discoverer.health(): an empty-prefix alarm must not get us restarted
     # (we hold the last known servers on purpose); a stuck loop or a dead HAProxy must.

@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agents.common.access import ensure_access
 from agents.common.admin import AdminServer
 from agents.common.container import ContainerInfo
 from agents.common.docker_events import (
@@ -317,6 +318,7 @@ class Registrar:
                 "ok": etcd_ok,
                 "lease": keeper.lease_id,
                 "error": problem,
+                "writes_refused": bool(self.sink.refused),  # by etcd's access control
                 "watched_keys": self.sink.watches.watched,
                 "restored_keys": self.sink.restored_total,
             },
@@ -434,7 +436,7 @@ async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
         try:
             await _until_stopped(
                 stop,
-                sink.run(),
+                _write_once_allowed(etcd, settings, sink),
                 drains.run(),
                 registrar.run(),
                 _ready_when_synced(sink),
@@ -462,6 +464,15 @@ async def _engine_unless_stopped(docker: DockerSource, stop: asyncio.Event) -> E
 def _host_claim(etcd: Etcd, settings: RegistrarSettings, engine: Engine) -> HostClaim:
     holder = Holder.of(engine, socket.gethostname(), os.getpid(), datetime.now(UTC))
     return HostClaim(etcd, settings.prefix, settings.host_id, holder)
+
+
+async def _write_once_allowed(etcd: Etcd, settings: RegistrarSettings, sink: EtcdSink) -> None:
+    """Write to etcd once this user's rights are proven (AccessDenied ends the agent).
+
+    Docker is followed meanwhile: the desired state is ready when etcd answers.
+    """
+    await ensure_access(etcd, "registrar", [settings.prefix])
+    await sink.run()
 
 
 async def _ready_when_synced(sink: EtcdSink) -> None:

@@ -39,6 +39,7 @@ from agents.common.etcd import (
     EtcdError,
     WatchEvent,
     is_lease_not_found,
+    is_permission_denied,
     is_refused_for_good,
 )
 from agents.common.lease import LeaseKeeper
@@ -120,6 +121,9 @@ class EtcdSink:
         self._quiet = OnceEvery(30.0)
         self.last_error = ""
         self.failing = False
+        # etcd's access control refuses our writes (a role revoked, a wrong
+        # prefix): said once per such outage, in /healthz until writes pass.
+        self.refused = ""
         self.synced = asyncio.Event()  # the first full reconcile with etcd is done
         # Containers this host had keys of in etcd (at a full sync): ours even
         # if they are gone by now (the drain requests of destroyed ones are deleted).
@@ -472,6 +476,18 @@ class EtcdSink:
         self.failing = True
         self.last_error = describe(error)
         self.hooks.on_error(error)
+        if isinstance(error, EtcdError) and is_permission_denied(error):
+            if not self.refused:
+                log.error(
+                    "etcd refuses this registrar's writes: its user may not write the prefix; "
+                    "registrations are kept and written once etcd allows it",
+                    user=self.etcd.username,
+                    prefix=self.prefix,
+                    error=self.last_error,
+                    pending=self.backlog,
+                )
+            self.refused = self.last_error
+            return
         if not self._quiet.should_log("etcd"):
             return
         if isinstance(error, EtcdError):
@@ -484,6 +500,9 @@ class EtcdSink:
             self.hooks.on_recovered()
         self.failing = False
         self.synced.set()
+        if self.refused:
+            self.refused = ""
+            log.info("etcd accepts this registrar's writes again")
         held = self._quiet.clear("etcd")
         if held:
             log.info("etcd writes flowing again", retries=held + 1)

@@ -12,6 +12,8 @@ Decisions (documented in the registrar's help and README section):
 - ``--explicit``: only containers (or ports) whose service is *named* — by
   ``pilotfish.service``, ``pilotfish.<port>.service``, ``SERVICE_NAME`` or
   ``SERVICE_<port>_NAME`` — register.
+- ``--environment NAME``: only containers labelled ``pilotfish.environment=NAME``
+  register (a host that runs containers of several environments).
 - Address: the published binding's IP when it is a specific address
   (``-p 127.0.0.2::8080``), otherwise (``0.0.0.0``, ``::``, empty) HOST_IP.
   ``--internal``: the container's own IP and private port; exposed but
@@ -48,6 +50,7 @@ from agents.common.schema import (
 from agents.common.validation import MAX_ATTRIBUTES, MAX_TAGS, MAX_VALUE_BYTES, show
 
 LABEL = "pilotfish."
+ENVIRONMENT_LABEL = LABEL + "environment"  # with --environment: whose container it is
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -63,6 +66,8 @@ class Options(Protocol):
     def internal(self) -> bool: ...
     @property
     def explicit(self) -> bool: ...
+    @property
+    def environment(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,8 @@ def desired_instances(
 
     if container.state != "running":
         return [], []
+    if options.environment and container.labels.get(ENVIRONMENT_LABEL) != options.environment:
+        return [], []  # another environment's container (or none's), on a shared host
     if container.has_healthcheck and container.health != "healthy":
         return [], []
     variables = _service_variables(container)

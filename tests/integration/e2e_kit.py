@@ -100,6 +100,7 @@ class Agent:
     argv: list[str]
     log_path: Path
     marker: str = ""  # a string in the command line of processes it starts (state dir)
+    env: Mapping[str, str] = field(default_factory=dict)  # variables (an environment file's)
     popen: subprocess.Popen[bytes] | None = None
     started_pids: set[int] = field(default_factory=set)
 
@@ -111,14 +112,15 @@ class Agent:
         flags: Mapping[str, str | int | float | bool],
         log_dir: Path,
         marker: str = "",
+        env: Mapping[str, str] | None = None,
     ) -> Agent:
-        agent = cls(name, _argv(command, flags), log_dir / f"{name}.log", marker)
+        agent = cls(name, _argv(command, flags), log_dir / f"{name}.log", marker, dict(env or {}))
         agent.spawn()
         return agent
 
     def spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PILOTFISH_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PILOTFISH_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 self.argv,

@@ -24,6 +24,7 @@ class Opts:
     host_id: str = "hostA"
     internal: bool = False
     explicit: bool = False
+    environment: str = ""
 
 
 def inspect_doc(
@@ -194,6 +195,15 @@ def test_ignore_false_registers() -> None:
 def test_bad_ignore_value_skips_the_container_with_a_refusal() -> None:
     instances, refusals = instances_of(inspect_doc(labels={"pilotfish.ignore": "maybe"}))
     assert instances == [] and refusals[0].label == "pilotfish.ignore"
+
+
+def test_an_environment_registers_only_its_labelled_containers() -> None:
+    assert len(instances_of(inspect_doc())[0]) == 1  # no --environment: every container
+    assert instances_of(inspect_doc(), environment="prod") == ([], [])
+    dev = inspect_doc(labels={"pilotfish.environment": "dev"})
+    assert instances_of(dev, environment="prod") == ([], [])
+    prod = inspect_doc(labels={"pilotfish.environment": "prod"})
+    assert len(instances_of(prod, environment="prod")[0]) == 1
 
 
 def test_explicit_registers_only_named_containers_or_ports() -> None:
