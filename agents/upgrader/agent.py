@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agents.common.access import ensure_access
 from agents.common.admin import AdminServer
 from agents.common.backoff import Backoff
 from agents.common.docker_events import DockerSource, DockerUnavailable, ImageEvent
@@ -382,6 +383,8 @@ async def serve(settings: UpgraderSettings, stop: asyncio.Event) -> int:
         Etcd(settings) as etcd,
         DockerSource(settings.docker_host, event_types=("image",)) as source,
     ):
+        if not settings.dry_run and not await _access_proven(etcd, settings, stop):
+            return 1
         upgrader = Upgrader(settings, source, etcd, metrics)
         if settings.rollback:
             return _code([await upgrader.rollback(settings.rollback)])
@@ -423,6 +426,32 @@ async def _one_pass(upgrader: Upgrader, *, dry_run: bool) -> int:
 
 def _code(outcomes: Iterable[Outcome]) -> int:
     return 1 if any(o.result in ("failed", "interrupted") for o in outcomes) else 0
+
+
+async def _access_proven(etcd: Etcd, settings: UpgraderSettings, stop: asyncio.Event) -> bool:
+    """Whether the etcd user's rights are proven (the registrar's: drain requests,
+    registrations). Refused rights raise AccessDenied (one line, exit 2); etcd
+    away is waited for until ``stop``, and for one pass or a rollback at most
+    ``--health-timeout`` seconds."""
+    one_shot = settings.once or bool(settings.rollback)
+    check = asyncio.ensure_future(ensure_access(etcd, "upgrader", [settings.prefix]))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {check, stopping},
+            timeout=settings.health_timeout if one_shot else None,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if check in done:
+            check.result()
+            return True
+        if not stop.is_set():
+            log.error("etcd did not answer", etcd=etcd.target, seconds=settings.health_timeout)
+        return False
+    finally:
+        for task in (check, stopping):
+            task.cancel()
+        await asyncio.gather(check, stopping, return_exceptions=True)
 
 
 def run(settings: UpgraderSettings) -> int:
