@@ -28,6 +28,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd
 import aetcd.exceptions
+import aetcd.utils
 import aetcd.watcher
 import grpc
 
@@ -258,6 +259,35 @@ class Etcd:
         ]
         return result.header.revision, items
 
+    async def get_prefixes(self, prefixes: list[str]) -> tuple[int, list[KeyValue]]:
+        """All keys under each of ``prefixes``, read in one transaction: at one revision."""
+        request = aetcd.rpc.TxnRequest(
+            success=[
+                aetcd.rpc.RequestOp(
+                    request_range=aetcd.rpc.RangeRequest(
+                        key=prefix.encode(),
+                        range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+                    )
+                )
+                for prefix in prefixes
+            ]
+        )
+
+        async def txn() -> Any:
+            await self.client.connect()
+            try:
+                return await self.client.kvstub.Txn(request, metadata=self.client.metadata)
+            except Exception as error:  # the raw gRPC error: what aetcd's calls raise
+                raise _as_etcd_error(error) from None
+
+        reply = await self._call(txn)
+        items = [
+            KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision, kv.create_revision)
+            for response in reply.responses
+            for kv in response.response_range.kvs
+        ]
+        return int(reply.header.revision), items
+
     async def revision(self) -> int:
         """etcd's current store revision (one range request that matches no key)."""
         result = await self._call(lambda: self.client.get_prefix(b"\0"))
@@ -342,6 +372,55 @@ class Etcd:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await watch.cancel()
+
+    async def watch_prefixes(
+        self,
+        starts: dict[str, int],
+        on_created: Callable[[], None] | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        """Events under each prefix of ``starts`` (prefix -> its start revision), merged.
+
+        One etcd watch per prefix, all on the client's one watch stream; each
+        prefix's events come in revision order. Errors as :meth:`watch_prefix`
+        (the first watch that fails ends them all).
+        """
+        if len(starts) == 1:
+            ((prefix, start),) = starts.items()
+            async for event in self.watch_prefix(prefix, start, on_created):
+                yield event
+            return
+        queue: asyncio.Queue[WatchEvent | BaseException | None] = asyncio.Queue()
+        created = 0
+
+        def one_created() -> None:
+            nonlocal created
+            created += 1
+            if created == len(starts) and on_created is not None:
+                on_created()
+
+        async def pump(prefix: str, start: int) -> None:
+            try:
+                async for event in self.watch_prefix(prefix, start, one_created):
+                    queue.put_nowait(event)
+                queue.put_nowait(None)  # the stream ended quietly
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:  # handed to the reader, which raises it
+                queue.put_nowait(error)
+
+        pumps = [asyncio.create_task(pump(p, s), name=f"watch {p}") for p, s in starts.items()]
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def watch_key(self, key: str, start_revision: int, on_event: KeyCallback) -> int:
         """Watch one key from ``start_revision`` on; the watch id, for :meth:`cancel_watch`.

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from agents.common.logging import get_logger
-from agents.common.schema import Instance, SchemaError, parse_entry
+from agents.common.schema import Instance, SchemaError, parse_entry, services_prefix
 
 log = get_logger("pilotfish.prefix")
 
@@ -60,8 +60,24 @@ def _text(key: bytes | str) -> str:
 class PrefixState:
     """The service prefix as seen through list + watch events; pure, no I/O."""
 
-    def __init__(self, prefix: str, report_bad: BadEntryReporter | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        report_bad: BadEntryReporter | None = None,
+        ranges: Sequence[str] = (),
+    ) -> None:
+        """``ranges``: the key prefixes watched separately (one per service of a
+        ``--services`` filter); each has its own revision, since events of two
+        watches may arrive out of order between them, and resumes from it.
+        Empty: one range. ``revision`` is then the highest revision applied:
+        etcd sends the events of the watches of one stream in revision order
+        once they are synced (it serializes them on one channel), so every
+        change at or before it is applied too; while a watch re-created far
+        behind catches up (~100 ms after a reconnect) it may be ahead of it."""
         self.prefix = prefix
+        self.ranges = tuple(ranges)
+        # range -> the revision its events are applied up to
+        self.range_revisions: dict[str, int] = dict.fromkeys(self.ranges, 0)
         self.report_bad = report_bad or log_bad_entry
         self.instances: dict[str, Instance] = {}
         self.created: dict[str, int] = {}  # key -> create_revision of each instance
@@ -93,6 +109,7 @@ class PrefixState:
                 self._add(key, instance, create_revision or mod_revision)
         self._reported = {k: r for k, r in self._reported.items() if k in self.keys}
         self.revision = revision
+        self.range_revisions = dict.fromkeys(self.ranges, revision)
         self._open_revision = 0
         if self.instances:
             self.empty_cause = None
@@ -106,15 +123,18 @@ class PrefixState:
         self, raw_key: bytes | str, value: bytes | None, revision: int, create_revision: int = 0
     ) -> None:
         """One watch event: a put (``value`` set) or a delete (``value`` None)."""
-        if revision < self.revision:
+        key = _text(raw_key)
+        watched = self._range_of(key)
+        if revision < (self.revision if watched is None else self.range_revisions[watched]):
             return  # replayed by a resumed watch: already applied
+        if watched is not None:
+            self.range_revisions[watched] = revision
         if revision != self._open_revision:
             # The first event of a revision: remember how many hosts were live
             # before it, to tell a wipe from one host's lease expiring.
             self._open_revision = revision
             self._hosts_before_revision = len(self._hosts)
-        self.revision = revision
-        key = _text(raw_key)
+        self.revision = max(self.revision, revision)
         self._changed.add(key)
         had_instances = bool(self.instances)
         self._remove(key)
@@ -133,6 +153,16 @@ class PrefixState:
         elif had_instances:
             self.empty_cause = "wipe" if self._hosts_before_revision >= 2 else "deletes"
         self._touch()
+
+    def resume_revision(self, watched: str) -> int:
+        """The revision the watch of range ``watched`` resumes from."""
+        return self.range_revisions.get(watched, self.revision) + 1
+
+    def _range_of(self, key: str) -> str | None:
+        if not self.ranges or not key.startswith(base := services_prefix(self.prefix)):
+            return None
+        watched = f"{base}{key[len(base) :].partition('/')[0]}/"
+        return watched if watched in self.range_revisions else None
 
     # -- output ------------------------------------------------------------
 

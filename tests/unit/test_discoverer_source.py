@@ -447,3 +447,26 @@ async def test_list_failure_at_startup_is_retried() -> None:
     assert len(snap.instances) == 1
     assert not src.status()["watching"] or src.watching
     await updates.aclose()
+
+
+# -- one watch per service (--services) ----------------------------------------
+
+
+def test_per_service_ranges_keep_their_own_revision() -> None:
+    ranges = [f"{PREFIX}/services/api/", f"{PREFIX}/services/web/"]
+    s = PrefixState(PREFIX, Bad(), ranges)
+    web, api, api2 = inst(1), inst(2, service="api"), inst(3, service="api")
+    s.replace(10, [])
+    assert s.resume_revision(ranges[0]) == s.resume_revision(ranges[1]) == 11
+    s.apply(*entry(web), 15, 15)
+    # The api watch delivers an older revision after the web one: still applied.
+    s.apply(*entry(api), 12, 12)
+    assert set(s.instances) == {entry(web)[0], entry(api)[0]}
+    assert s.revision == 15
+    assert s.resume_revision(ranges[0]) == 13 and s.resume_revision(ranges[1]) == 16
+    # A resumed api watch replays revision 12 (dropped) and goes on.
+    s.apply(entry(api)[0], None, 11)
+    s.apply(*entry(api2), 13, 13)
+    assert set(s.instances) == {entry(web)[0], entry(api)[0], entry(api2)[0]}
+    s.replace(20, [])
+    assert s.resume_revision(ranges[0]) == 21
