@@ -53,6 +53,9 @@ GRPC_OPTIONS: dict[str, Any] = {
     "grpc.max_receive_message_length": -1,
 }
 
+# etcd refuses a transaction of more operations than --max-txn-ops (default 128).
+TXN_OPS = 100
+
 EtcdError = aetcd.exceptions.ClientError
 RevisionCompacted = aetcd.exceptions.RevisionCompactedError
 
@@ -250,9 +253,12 @@ class Etcd:
         # registered 5.3 s later with 5 s here). Writes are idempotent.
         return min(self.timeout, 1.5)
 
-    async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
-        """All keys under ``prefix`` and the store revision they were read at."""
-        result = await self._call(lambda: self.client.get_prefix(prefix.encode()))
+    async def get_prefix(self, prefix: str, keys_only: bool = False) -> tuple[int, list[KeyValue]]:
+        """All keys under ``prefix`` and the store revision they were read at
+        (``keys_only``: every value empty, a fraction of the bytes)."""
+        result = await self._call(
+            lambda: self.client.get_prefix(prefix.encode(), keys_only=keys_only)
+        )
         items = [
             KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision, kv.create_revision)
             for kv in result
@@ -260,33 +266,50 @@ class Etcd:
         return result.header.revision, items
 
     async def get_prefixes(self, prefixes: list[str]) -> tuple[int, list[KeyValue]]:
-        """All keys under each of ``prefixes``, read in one transaction: at one revision."""
-        request = aetcd.rpc.TxnRequest(
-            success=[
-                aetcd.rpc.RequestOp(
-                    request_range=aetcd.rpc.RangeRequest(
-                        key=prefix.encode(),
-                        range_end=aetcd.utils.prefix_range_end(prefix.encode()),
-                    )
-                )
-                for prefix in prefixes
-            ]
+        """All keys under each of ``prefixes``, read at one revision.
+
+        The first :data:`TXN_OPS` ranges are read in one transaction; any
+        more at that transaction's revision (compacted meanwhile:
+        :data:`RevisionCompacted`, as for a watch).
+        """
+        ranges = [(p.encode(), aetcd.utils.prefix_range_end(p.encode())) for p in prefixes]
+        return await self._read_ranges(ranges)
+
+    async def get_keys(self, keys: list[str]) -> tuple[int, list[KeyValue]]:
+        """The keys of ``keys`` that exist, read at one revision (as :meth:`get_prefixes`)."""
+        return await self._read_ranges([(key.encode(), b"") for key in keys])
+
+    async def _read_ranges(self, ranges: list[tuple[bytes, bytes]]) -> tuple[int, list[KeyValue]]:
+        def request(key: bytes, end: bytes, revision: int = 0) -> Any:
+            return aetcd.rpc.RangeRequest(key=key, range_end=end, revision=revision)
+
+        first = aetcd.rpc.TxnRequest(
+            success=[aetcd.rpc.RequestOp(request_range=request(*r)) for r in ranges[:TXN_OPS]]
         )
+        reply = await self._call(lambda: self._kv("Txn", first))
+        revision = int(reply.header.revision)
+        kvs = [kv for response in reply.responses for kv in response.response_range.kvs]
+        for key, end in ranges[TXN_OPS:]:
+            kvs.extend((await self._range(request(key, end, revision))).kvs)
+        items = [KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision, kv.create_revision)
+                 for kv in kvs]  # fmt: skip
+        return revision, items
 
-        async def txn() -> Any:
-            await self.client.connect()
-            try:
-                return await self.client.kvstub.Txn(request, metadata=self.client.metadata)
-            except Exception as error:  # the raw gRPC error: what aetcd's calls raise
-                raise _as_etcd_error(error) from None
+    async def _range(self, request: Any) -> Any:
+        return await self._call(lambda: self._kv("Range", request))
 
-        reply = await self._call(txn)
-        items = [
-            KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision, kv.create_revision)
-            for response in reply.responses
-            for kv in response.response_range.kvs
-        ]
-        return int(reply.header.revision), items
+    async def _kv(self, method: str, request: Any) -> Any:
+        """A raw call of etcd's KV service, its errors turned into what aetcd's own calls raise."""
+        await self.client.connect()  # aetcd connects lazily: kvstub exists from here on
+        try:
+            return await getattr(self.client.kvstub, method)(request, metadata=self.client.metadata)
+        except Exception as error:
+            raise _as_etcd_error(error) from None
+
+    async def lease_keys(self, lease_id: int) -> list[str]:
+        """The keys attached to a lease (none if it is gone)."""
+        reply = await self._call(lambda: self.client.get_lease_info(lease_id, keys=True))
+        return [key.decode(errors="replace") for key in reply.keys]
 
     async def revision(self) -> int:
         """etcd's current store revision (one range request that matches no key)."""

@@ -83,23 +83,25 @@ def events(source: EtcdSource) -> float:
 async def test_other_services_wake_nothing(etcd: Any, prefix: str) -> None:
     async with Etcd(settings(etcd.endpoint, prefix)) as writer:
         await put(writer, prefix, instances("web", 3) + instances("other", 3))
-        async with Etcd(settings(etcd.endpoint, prefix)) as reader:
-            source = EtcdSource(reader, prefix, services=SERVED)
-            follower = Follower(source)
-            try:
-                await converged(follower, writer, prefix, 5)
-                assert len(follower.keys) == 3
-                before_events, before_snapshots = events(source), follower.snapshots
-                # 200 changes of services it does not serve, then one of its own.
-                for service in ("other", "zzz", "aaa", "apix", "web2"):
-                    await put(writer, prefix, instances(service, 40, 100))
-                revision = await put(writer, prefix, instances("api", 1, 7))
-                await converged(follower, writer, prefix, 5)
-                assert events(source) - before_events == 1
-                assert follower.snapshots - before_snapshots == 1
-                assert source.state.revision == revision
-            finally:
-                await follower.close()
+        # Not connected beforehand: the agent's client connects on its first call.
+        reader = Etcd(settings(etcd.endpoint, prefix))
+        source = EtcdSource(reader, prefix, services=SERVED)
+        follower = Follower(source)
+        try:
+            await converged(follower, writer, prefix, 5)
+            assert len(follower.keys) == 3
+            before_events, before_snapshots = events(source), follower.snapshots
+            # 200 changes of services it does not serve, then one of its own.
+            for service in ("other", "zzz", "aaa", "apix", "web2"):
+                await put(writer, prefix, instances(service, 40, 100))
+            revision = await put(writer, prefix, instances("api", 1, 7))
+            await converged(follower, writer, prefix, 5)
+            assert events(source) - before_events == 1
+            assert follower.snapshots - before_snapshots == 1
+            assert source.state.revision == revision
+        finally:
+            await follower.close()
+            await reader.close()
 
 
 async def test_filtered_resume_and_compaction(etcd: Any, prefix: str) -> None:
