@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -189,9 +190,12 @@ class SimulatedHost:
         engine = Engine(id=f"ENGINE-{self.host}", name=name, root_dir="/var/lib/docker")
         holder = Holder.of(engine, host_id(self.host), os.getpid(), time_now())
         claim = HostClaim(self.etcd, self.args.prefix, host_id(self.host), holder)
+        extra: dict[str, Any] = {}
+        if "previous_lease" in inspect.signature(EtcdSink).parameters:  # older agents: without
+            extra["previous_lease"] = lambda: claim.taken_over_lease
         self.sink = EtcdSink(
             self.etcd, prefix=self.args.prefix, host_id=host_id(self.host), ttl=self.args.ttl,
-            claim=claim.make,
+            claim=claim.make, **extra,
         )  # fmt: skip
         self.sink.replace_all(self.containers)
         self.task = asyncio.create_task(self.sink.run())
