@@ -47,6 +47,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -161,7 +162,7 @@ class Worker:
         if self.proc is None or self.proc.returncode is not None:
             return
         with contextlib.suppress(Exception):
-            await self.ask({"cmd": "stop"}, within=20)
+            await self.ask({"cmd": "stop"}, within=5)
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
         await self.proc.wait()
@@ -897,6 +898,10 @@ async def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args.shape = shape_argv(args)
     workdir = Path(tempfile.mkdtemp(prefix="pffleet-"))
     began = time.monotonic()
+    # SIGTERM (timeout, CI) unwinds like Ctrl-C: workers, HAProxy, etcd cleaned up.
+    this = asyncio.current_task()
+    assert this is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
     try:
         result = await run(args, workdir)
     finally:
