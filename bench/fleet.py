@@ -462,6 +462,64 @@ async def discoverers_worker(args: argparse.Namespace) -> None:
     await serve_commands(handle)
 
 
+# -- the cost of one change in a discoverer, in-process ---------------------------------------
+
+
+async def apply_cost(args: argparse.Namespace) -> None:
+    """ms per single-change batch through a full discoverer's real loop (source
+    state, guard, catalog builder) holding ``--hosts`` x ``--containers``
+    instances, with a counting sink: what caps the changes/s one core absorbs."""
+    from agents.common.prefix_state import PrefixState
+    from agents.common.settings import DiscovererSettings
+    from agents.discoverer.agent import Discoverer
+    from agents.discoverer.model import ListenRules
+
+    state = PrefixState(args.prefix)
+    fleet = [fleet_instance(args, h, c) for h in range(args.hosts) for c in range(args.containers)]
+    state.replace(1, ((instance_key(args.prefix, i), i.to_json(), n + 2, n + 2)
+                      for n, i in enumerate(fleet)))  # fmt: skip
+    rng = random.Random(5)
+    timing: list[float] = []
+    done = asyncio.Event()
+
+    class OneChangeAtATime:
+        pending = False
+
+        async def updates(self) -> Any:
+            yield state.take_batch()
+            # Resumed once the initial list is handled; the loop asks for each
+            # next batch once it handled the previous one.
+            timing.append(time.perf_counter())
+            for n in range(args.changes):
+                old = rng.choice(fleet)
+                new = old.model_copy(update={"weight": n % 200 + 1})
+                state.apply(instance_key(args.prefix, new), new.to_json(), len(fleet) + 2 + n)
+                yield state.take_batch()
+            timing.append(time.perf_counter())
+            done.set()
+            await asyncio.Event().wait()
+
+        def status(self) -> dict[str, object]:
+            return {}
+
+        async def wait_for_changes(self, at_most: float) -> None:
+            await asyncio.sleep(at_most)
+
+    settings = DiscovererSettings(
+        etcd_host="127.0.0.1:2379", prefix=args.prefix, state_dir=tempfile.gettempdir(),
+        admin_address="off", stats_address="off",
+    )  # fmt: skip
+    sink = CountingSink()
+    discoverer = Discoverer(settings, OneChangeAtATime(), sink, rules=ListenRules())
+    task = asyncio.create_task(discoverer.run())
+    await done.wait()
+    per_change = (timing[1] - timing[0]) / args.changes * 1000
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    print(json.dumps({"instances": len(fleet), "services": args.services,
+                      "changes": args.changes, "ms_per_change": round(per_change, 3)}))  # fmt: skip
+
+
 # -- measuring etcd ----------------------------------------------------------------------------
 
 
@@ -837,7 +895,8 @@ async def until_served(workers: list[Worker], expected: dict[str, int], within: 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
-    add("--role", default="main", choices=["main", "registrars", "discoverers"])
+    add("--role", default="main", choices=["main", "registrars", "discoverers", "apply-cost"])
+    add("--changes", type=int, default=500, help="apply-cost: single-change batches")
     add("--quick", action="store_true", help="a small fleet, in under 2 minutes")
     add("--hosts", type=int, default=1000)
     add("--containers", type=int, default=50, help="per host")
@@ -884,6 +943,9 @@ def shape_argv(args: argparse.Namespace) -> list[str]:
 
 async def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
+    if args.role == "apply-cost":
+        await apply_cost(args)
+        return None
     if args.role != "main":
         from agents.common.logging import configure_logging
 

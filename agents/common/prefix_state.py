@@ -10,11 +10,12 @@ catalog read etcd through it (:mod:`agents.common.prefix_source`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from agents.common.logging import get_logger
 from agents.common.schema import Instance, SchemaError, parse_entry, services_prefix
@@ -32,6 +33,8 @@ log = get_logger("pilotfish.prefix")
 EmptyCause = Literal["wipe", "relist", "deletes"]
 
 BadEntryReporter = Callable[[str, int, str], None]
+
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,72 @@ class Snapshot:
     # time.monotonic() the watch last came back after an outage (None: never broke)
     reconnected_at: float | None
     added: tuple[Instance, ...]  # instances put (new or changed) in this batch
+
+
+class Overlay(Mapping[str, _V]):
+    """A read-only mapping: ``base`` with the entries of ``delta`` over it (None: deleted).
+
+    Neither is changed after it is built, so it is a snapshot, made in
+    O(len(delta)) instead of a copy of the whole state.
+    """
+
+    __slots__ = ("_base", "_delta", "_len")
+
+    def __init__(self, base: Mapping[str, _V], delta: dict[str, _V | None], length: int) -> None:
+        self._base, self._delta, self._len = base, delta, length
+
+    def __getitem__(self, key: str) -> _V:
+        if key in self._delta:
+            value = self._delta[key]
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self._base[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._delta.get(key, _MISSING) if self._delta else _MISSING
+        if value is _MISSING:
+            return self._base.get(key, default)
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._delta:
+            return self._delta[key] is not None
+        return key in self._base
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[str]:
+        delta = self._delta
+        yield from (key for key in self._base if key not in delta)
+        yield from (key for key, value in delta.items() if value is not None)
+
+
+_MISSING = object()
+
+
+class _Published(Generic[_V]):
+    """Hands out snapshots of a dict that keeps changing: the last full copy
+    plus the keys changed since, as an :class:`Overlay`; a new full copy once
+    more than about sqrt(2n) keys changed. With one change per snapshot, that
+    bound makes a snapshot cost O(sqrt(n)) on average instead of O(n)."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, _V] = {}
+        self.changed: set[str] = set()
+        self.stale = True  # base is not the live dict less ``changed``: copy in full
+
+    def snapshot(self, live: dict[str, _V]) -> Mapping[str, _V]:
+        if self.stale or len(self.changed) > max(64, math.isqrt(2 * len(live))):
+            self.base, self.changed, self.stale = dict(live), set(), False
+        if not self.changed:
+            return self.base
+        delta = {key: live.get(key) for key in self.changed}
+        return Overlay(self.base, delta, len(live))
+
+    def reset(self) -> None:
+        self.stale = True
 
 
 def _text(key: bytes | str) -> str:
@@ -87,6 +156,8 @@ class PrefixState:
         self.reconnected_at: float | None = None
         self.empty_cause: EmptyCause | None = None
         self._hosts: Counter[str] = Counter()  # host -> live instances, kept incrementally
+        self._published_instances: _Published[Instance] = _Published()
+        self._published_created: _Published[int] = _Published()
         self._reported: dict[str, int] = {}  # key -> revision whose bad value was logged
         self._open_revision = 0
         self._hosts_before_revision = 0
@@ -117,6 +188,8 @@ class PrefixState:
             self.empty_cause = "relist"
         # else: still empty, for the reason it already was (None at startup).
         self._relisted = True
+        self._published_instances.reset()
+        self._published_created.reset()
         self._touch()
 
     def apply(
@@ -136,6 +209,8 @@ class PrefixState:
             self._hosts_before_revision = len(self._hosts)
         self.revision = max(self.revision, revision)
         self._changed.add(key)
+        self._published_instances.changed.add(key)
+        self._published_created.changed.add(key)
         had_instances = bool(self.instances)
         self._remove(key)
         self.refused.pop(key, None)
@@ -173,8 +248,8 @@ class PrefixState:
 
     def take_batch(self) -> Snapshot:
         snapshot = Snapshot(
-            instances=dict(self.instances),
-            created=dict(self.created),
+            instances=self._published_instances.snapshot(self.instances),
+            created=self._published_created.snapshot(self.created),
             refused=dict(self.refused),
             revision=self.revision,
             relisted=self._relisted,

@@ -149,6 +149,9 @@ class CatalogBuilder:
         self._placed: dict[str, tuple[int, int]] = {}
         self._port_owner: dict[int, str] = {}
         self._unplaced: list[Conflict] = []
+        # The last assembled catalog, and the services of it that have conflicts.
+        self._catalog: Catalog = {}
+        self._own: dict[str, list[Conflict]] = {}
 
     def build(
         self,
@@ -176,9 +179,10 @@ class CatalogBuilder:
             for service in touched:
                 port = self._placed[service][0]
                 self._placed[service] = (port, self._first_at(service, port))
+            catalog, conflicts = self._reassemble(touched)
         else:
             self._place()
-        catalog, conflicts = self._assemble()
+            catalog, conflicts = self._assemble()
         return self._retain(catalog, now), conflicts
 
     @property
@@ -297,13 +301,29 @@ class CatalogBuilder:
     # -- the catalog -----------------------------------------------------------
 
     def _assemble(self) -> tuple[Catalog, list[Conflict]]:
-        catalog: Catalog = {}
-        conflicts = list(self._unplaced)
+        self._catalog, self._own = {}, {}
         for name in sorted(self._placed):
             service, own = self._service(name, self._placed[name][1])
-            catalog[name] = service
-            conflicts.extend(own)
-        return catalog, conflicts
+            self._catalog[name] = service
+            if own:
+                self._own[name] = own
+        return self._catalog, self._conflicts()
+
+    def _reassemble(self, touched: Collection[str]) -> tuple[Catalog, list[Conflict]]:
+        """The last catalog with only ``touched`` services rebuilt (placement
+        unchanged: same services, same ports), without a pass over the others."""
+        catalog = dict(self._catalog)  # same keys, same order
+        for name in touched:
+            catalog[name], own = self._service(name, self._placed[name][1])
+            if own:
+                self._own[name] = own
+            else:
+                self._own.pop(name, None)
+        self._catalog = catalog
+        return catalog, self._conflicts()
+
+    def _conflicts(self) -> list[Conflict]:
+        return [*self._unplaced, *(c for name in sorted(self._own) for c in self._own[name])]
 
     def _service(self, name: str, first: int) -> tuple[Service, list[Conflict]]:
         built = self._built.get(name)

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from agents.common.backoff import Backoff
@@ -470,3 +472,33 @@ def test_per_service_ranges_keep_their_own_revision() -> None:
     assert set(s.instances) == {entry(web)[0], entry(api)[0], entry(api2)[0]}
     s.replace(20, [])
     assert s.resume_revision(ranges[0]) == 21
+
+
+# -- snapshots without copying the whole state ---------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=30), min_size=1, max_size=40
+    )
+)
+def test_snapshots_stay_what_they_were(batches: list[list[tuple[int, bool]]]) -> None:
+    """Every snapshot equals the state when it was taken, whatever happens after."""
+    s = PrefixState(PREFIX, Bad())
+    s.replace(1, [(*entry(inst(n)), 1, 1) for n in range(0, 40, 2)])
+    taken = [(s.take_batch(), dict(s.instances), dict(s.created))]
+    revision = 2
+    for batch in batches:
+        for n, put in batch:
+            key, value = entry(inst(n))
+            s.apply(key, value if put else None, revision, revision)
+            revision += 1
+        taken.append((s.take_batch(), dict(s.instances), dict(s.created)))
+    for snap, instances, created in taken:
+        assert dict(snap.instances) == instances and len(snap.instances) == len(instances)
+        assert dict(snap.created) == created
+        for n in range(41):
+            key = entry(inst(n))[0]
+            assert snap.instances.get(key) == instances.get(key)
+            assert (key in snap.instances) == (key in instances)
