@@ -23,6 +23,11 @@ HAProxy consumer ports on new connections.
 (e) at scale: (a) and (b) again with the (c) instances in the same prefix
             (10,000 servers in HAProxy), so every change is processed
             against the whole catalog.
+(f) scale to zero: one service's only instance deleted and a new one put,
+            20 times (``--zero-cycles``): HAProxy reloads and the time from
+            the put to the first request answered, with the listener kept
+            (``--listener-retention`` default) and dropped at once (0).
+            ``--zero-only`` runs (f) alone.
 
 The baseline polls every 5 s, so each of its add/remove samples costs up to
 5 s: it gets ``--baseline-samples`` of them (the discoverer gets all).
@@ -131,6 +136,7 @@ class System:
     admin_port: int = 0
     prefix: str = ""
     state_dir: Path = field(default_factory=Path)
+    extra: list[str] = field(default_factory=list)  # more flags for `pilotfish discover`
 
     async def start(self, prefix: str) -> None:
         self.prefix = prefix
@@ -141,7 +147,7 @@ class System:
                 "-m", "agents", "discover", "--etcd-host", self.etcd_host, "--prefix", prefix,
                 "--state-dir", str(self.state_dir), "--stats-address", f"127.0.0.1:{free_port()}",
                 "--admin-address", f"127.0.0.1:{self.admin_port}", "--stop-haproxy-on-exit",
-                "--log-level", "warning", "--log-format", "json",
+                "--log-level", "warning", "--log-format", "json", *self.extra,
             ]  # fmt: skip
         else:
             args = [
@@ -451,6 +457,56 @@ async def run_system(
     return result
 
 
+async def scale_to_zero(
+    etcd_host: str, workdir: Path, cycles: int, retention: str, gap: float
+) -> dict[str, Any]:
+    """(f) one service, first created, then scaled to zero for ``gap`` seconds
+    and back ``cycles`` times: HAProxy reloads during the cycles, and from the
+    put of each new instance to the first request it answers (the consumer
+    port polled from the put on)."""
+    system = System("pilotfish", etcd_host, workdir, extra=["--listener-retention", retention])
+    prefix = f"/bench-zero-{retention}-{os.getpid()}"
+    upstream = await Upstream("zero").start()
+    firsts: list[float] = []
+    async with Etcd(CommonSettings(etcd_host=etcd_host, prefix=prefix)) as etcd:
+        w = Writer(etcd, prefix)
+        await system.start(prefix)
+        try:
+            await wait_for(lambda: _healthy(system), within=30)
+            port = free_port_block(1)
+            reloads = 0
+            for n in range(cycles + 1):
+                if n == 1:  # the service exists: count from here
+                    reloads = await system.reloads()
+                new = instance("zero", n, upstream.port, port)
+                t0 = time.monotonic()
+                await w.put(new)
+                took = (await poll_until(port, lambda a: a == upstream.name, 30) - t0) * 1e3
+                if n:
+                    firsts.append(took)
+                await w.delete(new)
+                await poll_until(port, lambda a: a is None, 30)  # 503, closed or refused
+                await asyncio.sleep(gap)  # scaled to zero for a while
+            reloads = await system.reloads() - reloads
+        finally:
+            await system.stop()
+            await upstream.stop()
+    result = {"reloads": reloads, "cycles": cycles, "gap_s": gap,
+              "first_request_ms": {"p50": pct(firsts, 0.5), "p99": pct(firsts, 0.99),
+                                   "max": round(max(firsts), 1)}}  # fmt: skip
+    log(f"scale to zero, --listener-retention {retention}: {result}")
+    return result
+
+
+async def _healthy(system: System) -> bool:
+    system.check_alive()
+    try:
+        status, _ = await http_get(system.admin_port, "/healthz")
+    except OSError:
+        return False  # not listening yet
+    return status == 200
+
+
 async def at_scale(
     system: System, etcd_host: str, args: argparse.Namespace, upstream_ports: list[int],
     sync_base: int,
@@ -495,7 +551,13 @@ async def main() -> None:
     )
     parser.add_argument("--etcd", help="use this etcd host:port instead of starting one")
     parser.add_argument("--systems", default="pilotfish,baseline", help="which to run, in order")
+    parser.add_argument("--zero-cycles", type=int, default=20, help="(f) scale-to-zero cycles")
+    parser.add_argument("--zero-gap", type=float, default=2.0, help="(f) seconds at zero")
+    parser.add_argument("--zero-only", action="store_true", help="run (f) only")
     args = parser.parse_args()
+    if args.zero_only:
+        await zero_only(args)
+        return
 
     workdir = Path(tempfile.mkdtemp(prefix="pilotfish-bench-"))
     started = time.monotonic()
@@ -521,7 +583,23 @@ async def main() -> None:
             )
         for upstream in upstreams:
             await upstream.stop()
+        if args.zero_cycles:
+            before = await scale_to_zero(etcd_host, workdir, args.zero_cycles, "0", args.zero_gap)
+            results["pilotfish"]["scale_to_zero"] = await scale_to_zero(
+                etcd_host, workdir, args.zero_cycles, "300", args.zero_gap
+            )
+            results.setdefault("baseline", {})["scale_to_zero"] = before
     report(results, args, time.monotonic() - started)
+
+
+async def zero_only(args: argparse.Namespace) -> None:
+    """(f) alone: listeners dropped at once (retention 0, before) and kept (default)."""
+    workdir = Path(tempfile.mkdtemp(prefix="pilotfish-bench-"))
+    async with contextlib.AsyncExitStack() as stack:
+        etcd_host = args.etcd or await stack.enter_async_context(etcd_server(workdir))
+        before = await scale_to_zero(etcd_host, workdir, args.zero_cycles, "0", args.zero_gap)
+        after = await scale_to_zero(etcd_host, workdir, args.zero_cycles, "300", args.zero_gap)
+    print(json.dumps({"scale_to_zero": after, "baseline": {"scale_to_zero": before}}))
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, took: float) -> None:
@@ -572,6 +650,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, took: f
             "haproxy_rss_mib": r.get("haproxy_rss_mib"),
             "scale_add_ms": {k: get(r, "scale_add_ms", k) for k in ("p50", "p99")},
             "scale_remove_ms": {k: get(r, "scale_remove_ms", k) for k in ("p50", "p99")},
+            # pilotfish: listeners kept (default); baseline: pilotfish with
+            # --listener-retention 0 (the listener dropped at once).
+            "scale_to_zero": r.get("scale_to_zero"),
         }
 
     print(json.dumps({**keys(ours), "baseline": keys(base)}))

@@ -28,6 +28,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import aetcd
 import aetcd.exceptions
+import aetcd.utils
 import aetcd.watcher
 import grpc
 
@@ -51,6 +52,9 @@ GRPC_OPTIONS: dict[str, Any] = {
     # (measured: 4.3 MB); etcdctl lifts it the same way.
     "grpc.max_receive_message_length": -1,
 }
+
+# etcd refuses a transaction of more operations than --max-txn-ops (default 128).
+TXN_OPS = 100
 
 EtcdError = aetcd.exceptions.ClientError
 RevisionCompacted = aetcd.exceptions.RevisionCompactedError
@@ -371,14 +375,63 @@ class Etcd:
         # registered 5.3 s later with 5 s here). Writes are idempotent.
         return min(self.timeout, 1.5)
 
-    async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
-        """All keys under ``prefix`` and the store revision they were read at."""
-        result = await self._call(lambda: self.client.get_prefix(prefix.encode()))
+    async def get_prefix(self, prefix: str, keys_only: bool = False) -> tuple[int, list[KeyValue]]:
+        """All keys under ``prefix`` and the store revision they were read at
+        (``keys_only``: every value empty, a fraction of the bytes)."""
+        result = await self._call(
+            lambda: self.client.get_prefix(prefix.encode(), keys_only=keys_only)
+        )
         items = [
             KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision, kv.create_revision)
             for kv in result
         ]
         return result.header.revision, items
+
+    async def get_prefixes(self, prefixes: list[str]) -> tuple[int, list[KeyValue]]:
+        """All keys under each of ``prefixes``, read at one revision.
+
+        The first :data:`TXN_OPS` ranges are read in one transaction; any
+        more at that transaction's revision (compacted meanwhile:
+        :data:`RevisionCompacted`, as for a watch).
+        """
+        ranges = [(p.encode(), aetcd.utils.prefix_range_end(p.encode())) for p in prefixes]
+        return await self._read_ranges(ranges)
+
+    async def get_keys(self, keys: list[str]) -> tuple[int, list[KeyValue]]:
+        """The keys of ``keys`` that exist, read at one revision (as :meth:`get_prefixes`)."""
+        return await self._read_ranges([(key.encode(), b"") for key in keys])
+
+    async def _read_ranges(self, ranges: list[tuple[bytes, bytes]]) -> tuple[int, list[KeyValue]]:
+        def request(key: bytes, end: bytes, revision: int = 0) -> Any:
+            return aetcd.rpc.RangeRequest(key=key, range_end=end, revision=revision)
+
+        first = aetcd.rpc.TxnRequest(
+            success=[aetcd.rpc.RequestOp(request_range=request(*r)) for r in ranges[:TXN_OPS]]
+        )
+        reply = await self._call(lambda: self._kv("Txn", first))
+        revision = int(reply.header.revision)
+        kvs = [kv for response in reply.responses for kv in response.response_range.kvs]
+        for key, end in ranges[TXN_OPS:]:
+            kvs.extend((await self._range(request(key, end, revision))).kvs)
+        items = [KeyValue(kv.key, kv.value, kv.lease, kv.mod_revision, kv.create_revision)
+                 for kv in kvs]  # fmt: skip
+        return revision, items
+
+    async def _range(self, request: Any) -> Any:
+        return await self._call(lambda: self._kv("Range", request))
+
+    async def _kv(self, method: str, request: Any) -> Any:
+        """A raw call of etcd's KV service, its errors turned into what aetcd's own calls raise."""
+        await self.client.connect()  # aetcd connects lazily: kvstub exists from here on
+        try:
+            return await getattr(self.client.kvstub, method)(request, metadata=self.client.metadata)
+        except Exception as error:
+            raise _as_etcd_error(error) from None
+
+    async def lease_keys(self, lease_id: int) -> list[str]:
+        """The keys attached to a lease (none if it is gone)."""
+        reply = await self._call(lambda: self.client.get_lease_info(lease_id, keys=True))
+        return [key.decode(errors="replace") for key in reply.keys]
 
     async def revision(self) -> int:
         """etcd's current store revision (the member's status: needs no right on any key)."""
@@ -478,6 +531,55 @@ class Etcd:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await watch.cancel()
+
+    async def watch_prefixes(
+        self,
+        starts: dict[str, int],
+        on_created: Callable[[], None] | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        """Events under each prefix of ``starts`` (prefix -> its start revision), merged.
+
+        One etcd watch per prefix, all on the client's one watch stream; each
+        prefix's events come in revision order. Errors as :meth:`watch_prefix`
+        (the first watch that fails ends them all).
+        """
+        if len(starts) == 1:
+            ((prefix, start),) = starts.items()
+            async for event in self.watch_prefix(prefix, start, on_created):
+                yield event
+            return
+        queue: asyncio.Queue[WatchEvent | BaseException | None] = asyncio.Queue()
+        created = 0
+
+        def one_created() -> None:
+            nonlocal created
+            created += 1
+            if created == len(starts) and on_created is not None:
+                on_created()
+
+        async def pump(prefix: str, start: int) -> None:
+            try:
+                async for event in self.watch_prefix(prefix, start, one_created):
+                    queue.put_nowait(event)
+                queue.put_nowait(None)  # the stream ended quietly
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:  # handed to the reader, which raises it
+                queue.put_nowait(error)
+
+        pumps = [asyncio.create_task(pump(p, s), name=f"watch {p}") for p, s in starts.items()]
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def watch_key(self, key: str, start_revision: int, on_event: KeyCallback) -> int:
         """Watch one key from ``start_revision`` on; the watch id, for :meth:`cancel_watch`.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -82,12 +82,16 @@ class EtcdSource:
         backoff: Backoff | None = None,
         quiet_interval: float = 60.0,
         metrics: SourceMetrics | None = None,
+        services: Collection[str] = (),
     ) -> None:
+        """``services``: watch only these services' keys (one etcd watch per
+        service, ``<prefix>/services/<name>/``); empty: the whole prefix."""
         self.etcd = etcd
         self.key_prefix = services_prefix(prefix)
+        self.ranges = [f"{self.key_prefix}{name}/" for name in sorted(services)]
         # A private registry unless the agent passes its own.
         self.metrics = metrics or source_metrics(CollectorRegistry(), "pilotfish_prefix")
-        self.state = PrefixState(prefix, self._bad_entry)
+        self.state = PrefixState(prefix, self._bad_entry, self.ranges)
         self.backoff = backoff or Backoff(initial=0.1, maximum=2.0)
         self.watching = False
         self.listed = False  # the first full list succeeded
@@ -182,7 +186,10 @@ class EtcdSource:
             await self.backoff.wait()
 
     async def _list(self) -> None:
-        revision, items = await self.etcd.get_prefix(self.key_prefix)
+        if self.ranges:
+            revision, items = await self.etcd.get_prefixes(self.ranges)
+        else:
+            revision, items = await self.etcd.get_prefix(self.key_prefix)
         self.metrics.relists.inc()
         self.state.replace(
             revision, ((kv.key, kv.value, kv.mod_revision, kv.create_revision) for kv in items)
@@ -192,6 +199,7 @@ class EtcdSource:
             log.info(
                 "listed service prefix",
                 prefix=self.key_prefix,
+                services=len(self.ranges) or "all",
                 revision=revision,
                 keys=len(items),
                 instances=len(self.state.instances),
@@ -204,10 +212,13 @@ class EtcdSource:
         self._changed.set()
 
     async def _watch(self) -> None:
-        start = self.state.revision + 1
-        async for event in self.etcd.watch_prefix(
-            self.key_prefix, start, on_created=self._watch_created
-        ):
+        if self.ranges:
+            starts = {r: self.state.resume_revision(r) for r in self.ranges}
+            events = self.etcd.watch_prefixes(starts, on_created=self._watch_created)
+        else:
+            start = self.state.revision + 1
+            events = self.etcd.watch_prefix(self.key_prefix, start, on_created=self._watch_created)
+        async for event in events:
             self.metrics.watch_events.inc()
             self.state.apply(event.key, event.value, event.revision, event.create_revision)
             self._changed.set()

@@ -354,6 +354,12 @@ class DiscovererSettings(CommonSettings):
         0.05, ge=0, description="seconds new services are gathered before one reload"
     )
     reload_min_interval: float = Field(1.0, ge=0, description="minimum seconds between two reloads")
+    listener_retention: float = Field(
+        300.0,
+        ge=0,
+        description="seconds a service with no instance left keeps its listener (503 / closed) "
+        "unless another service claims its port; 0: drop it at once (a reload)",
+    )
     loss_hold: float = Field(
         22.5,
         gt=0,

@@ -91,7 +91,11 @@ class Discoverer:
         self.source = source
         self.sink = sink
         self.guard = EmptyPrefixGuard(hold_for=settings.loss_hold)
-        self.builder = CatalogBuilder(settings.service_filter, rules or listen_rules(settings))
+        self.builder = CatalogBuilder(
+            settings.service_filter,
+            rules or listen_rules(settings),
+            retention=settings.listener_retention,
+        )
         self.quarantine = Quarantine(log, self.metrics.quarantined)
         self._built_live = False  # the builder's last state was a live snapshot
         self.started = False
@@ -150,14 +154,19 @@ class Discoverer:
                     await self._supervisor
 
     async def _hold_ended(self) -> bool:
-        """Whether the guard's hold time ended before any change arrived (the
-        last state is then to be handled again, without the held instances)."""
-        while (release_at := self.guard.release_at) is not None and not self.source.pending:
+        """Whether the guard's hold time, or a retained listener's, ended before
+        any change arrived (the last state is then to be handled again, without
+        the held instances or the listener)."""
+        while (release_at := self._next_timer()) is not None and not self.source.pending:
             left = release_at - time.monotonic()
             if left <= 0:
                 return True
             await self.source.wait_for_changes(left)
         return False
+
+    def _next_timer(self) -> float | None:
+        timers = [t for t in (self.guard.release_at, self.builder.retention_ends_at) if t]
+        return min(timers, default=None)
 
     async def _handle(self, snapshot: Snapshot, replay: bool = False) -> None:
         # The source logged each refused value once already.
@@ -175,7 +184,9 @@ class Discoverer:
         live = instances is snapshot.instances
         changed = snapshot.changed if live and self._built_live else None
         self._built_live = live
-        catalog, conflicts = self.builder.build(instances, changed, self.guard.created)
+        catalog, conflicts = self.builder.build(
+            instances, changed, self.guard.created, now=time.monotonic()
+        )
         self._log_conflicts(conflicts)
         done = await self._apply_until_done(catalog)
         self._quarantine_refused_by_haproxy()
@@ -293,7 +304,10 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
     registry = process_registry()
     etcd = Etcd(settings)
     source = EtcdSource(
-        etcd, settings.prefix, metrics=source_metrics(registry, "pilotfish_discoverer")
+        etcd,
+        settings.prefix,
+        metrics=source_metrics(registry, "pilotfish_discoverer"),
+        services=settings.service_filter,
     )
     sink = HaproxySink(settings, new_metrics(registry))
     publisher = _status_publisher(settings, etcd, sink)

@@ -114,6 +114,10 @@ class CatalogBuilder:
        one that only wants another port is routed and reported; another
        mode, a server name already taken or an address pointing at the
        service's own listener is quarantined.
+    4. A service whose last instance went keeps its listener, with no
+       server (HTTP: 503, TCP: closed), for ``retention`` seconds or until
+       another service claims its port: scaling to zero and back needs no
+       reload. ``build`` is then given ``now`` (monotonic seconds).
 
     ``build`` is given the whole state each time (key → instance, as the
     source's snapshots are) and finds what changed by identity, or is told
@@ -124,10 +128,16 @@ class CatalogBuilder:
     """
 
     def __init__(
-        self, only: frozenset[str] = frozenset(), rules: ListenRules | None = None
+        self,
+        only: frozenset[str] = frozenset(),
+        rules: ListenRules | None = None,
+        retention: float = 0.0,
     ) -> None:
         self.only = only
         self.rules = rules or ListenRules()
+        self.retention = retention
+        self._previous: Catalog = {}
+        self._retained: dict[str, tuple[Service, float]] = {}  # service -> (no servers, since)
         self._state: Mapping[str, Instance] = {}
         self._members: dict[str, dict[str, tuple[Age, Instance]]] = {}  # service -> key -> ...
         self._ordered: dict[str, list[tuple[Age, str, Instance]]] = {}  # oldest first
@@ -139,17 +149,21 @@ class CatalogBuilder:
         self._placed: dict[str, tuple[int, int]] = {}
         self._port_owner: dict[int, str] = {}
         self._unplaced: list[Conflict] = []
+        # The last assembled catalog, and the services of it that have conflicts.
+        self._catalog: Catalog = {}
+        self._own: dict[str, list[Conflict]] = {}
 
     def build(
         self,
         state: Mapping[str, Instance],
         changed: Collection[str] | None = None,
         created: Mapping[str, int] | None = None,
+        now: float = 0.0,
     ) -> tuple[Catalog, list[Conflict]]:
         """The catalog of ``state``. ``changed``: the only keys where ``state``
         differs from the previous one (a promise; None: compare every key).
         ``created``: each key's etcd create_revision (missing: the key's order
-        of arrival)."""
+        of arrival). ``now``: for the retention of emptied listeners."""
         touched = self._absorb(state, changed, created or {})
         touched = {s for s in touched if not self.only or s in self.only}
         for service in touched:
@@ -165,9 +179,39 @@ class CatalogBuilder:
             for service in touched:
                 port = self._placed[service][0]
                 self._placed[service] = (port, self._first_at(service, port))
+            catalog, conflicts = self._reassemble(touched)
         else:
             self._place()
-        return self._assemble()
+            catalog, conflicts = self._assemble()
+        return self._retain(catalog, now), conflicts
+
+    @property
+    def retention_ends_at(self) -> float | None:
+        """When the first retained listener is due to go (``now``'s clock), if any."""
+        if not self._retained:
+            return None
+        return min(since for _, since in self._retained.values()) + self.retention
+
+    def _retain(self, catalog: Catalog, now: float) -> Catalog:
+        """``catalog`` plus the listeners of services that just lost their last
+        instance (or lost it less than ``retention`` ago), whose port is free."""
+        if self.retention <= 0:
+            return catalog
+        taken = {service.bind_port for service in catalog.values()}
+        retained: dict[str, tuple[Service, float]] = {}
+        for name, (empty, since) in self._retained.items():
+            expired = now - since >= self.retention
+            if name not in catalog and empty.bind_port not in taken and not expired:
+                retained[name] = (empty, since)
+        for name, service in self._previous.items():
+            gone = name not in catalog and name not in self._retained
+            if gone and service.bind_port not in taken:
+                retained[name] = (Service(name, service.bind_port, service.mode), now)
+        self._retained = retained
+        if retained:
+            catalog = dict(sorted({**catalog, **{n: s for n, (s, _) in retained.items()}}.items()))
+        self._previous = catalog
+        return catalog
 
     def keys_of(self, service: str, server: str | None = None) -> list[str]:
         """The keys of ``service``'s instances (only ``server``'s, if given)."""
@@ -257,13 +301,29 @@ class CatalogBuilder:
     # -- the catalog -----------------------------------------------------------
 
     def _assemble(self) -> tuple[Catalog, list[Conflict]]:
-        catalog: Catalog = {}
-        conflicts = list(self._unplaced)
+        self._catalog, self._own = {}, {}
         for name in sorted(self._placed):
             service, own = self._service(name, self._placed[name][1])
-            catalog[name] = service
-            conflicts.extend(own)
-        return catalog, conflicts
+            self._catalog[name] = service
+            if own:
+                self._own[name] = own
+        return self._catalog, self._conflicts()
+
+    def _reassemble(self, touched: Collection[str]) -> tuple[Catalog, list[Conflict]]:
+        """The last catalog with only ``touched`` services rebuilt (placement
+        unchanged: same services, same ports), without a pass over the others."""
+        catalog = dict(self._catalog)  # same keys, same order
+        for name in touched:
+            catalog[name], own = self._service(name, self._placed[name][1])
+            if own:
+                self._own[name] = own
+            else:
+                self._own.pop(name, None)
+        self._catalog = catalog
+        return catalog, self._conflicts()
+
+    def _conflicts(self) -> list[Conflict]:
+        return [*self._unplaced, *(c for name in sorted(self._own) for c in self._own[name])]
 
     def _service(self, name: str, first: int) -> tuple[Service, list[Conflict]]:
         built = self._built.get(name)

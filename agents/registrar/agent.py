@@ -410,13 +410,15 @@ async def serve(settings: RegistrarSettings, stop: asyncio.Event) -> None:
         settings = settings.model_copy(
             update={"host_id": settings.host_id or default_host_id(engine)}
         )
+        claim = _host_claim(etcd, settings, engine)
         sink = EtcdSink(
             etcd,
             prefix=settings.prefix,
             host_id=settings.host_id,
             ttl=settings.ttl,
             hooks=_hooks(metrics),
-            claim=_host_claim(etcd, settings, engine).make,
+            claim=claim.make,
+            previous_lease=lambda: claim.taken_over_lease,
         )
         registrar = Registrar(settings, docker, sink, metrics)
         drains = DrainWatch(

@@ -37,6 +37,7 @@ from agents.common.backoff import Backoff
 from agents.common.etcd import (
     Etcd,
     EtcdError,
+    KeyValue,
     WatchEvent,
     is_lease_not_found,
     is_permission_denied,
@@ -98,7 +99,10 @@ class EtcdSink:
         concurrency: int = 64,
         hooks: SinkHooks | None = None,
         claim: Callable[[int], Awaitable[None]] | None = None,
+        previous_lease: Callable[[], int | None] | None = None,
     ) -> None:
+        """``previous_lease``: the lease of this host's last registrar, if the
+        claim just took it over (its keys are this host's keys)."""
         self.etcd = etcd
         self.prefix = prefix
         self.host_id = host_id
@@ -106,6 +110,7 @@ class EtcdSink:
         self.hooks = hooks or SinkHooks()
         self.keeper = LeaseKeeper(etcd, ttl, self._new_lease, self.hooks.on_error)
         self.claim = claim
+        self.previous_lease = previous_lease or (lambda: None)
         self.lease: int | None = None  # the keeper's lease, once claimed: keys go on it
         self.desired: dict[str, Instance] = {}
         self._by_container: dict[str, set[str]] = {}
@@ -279,7 +284,7 @@ class EtcdSink:
 
     async def _full_sync(self) -> None:
         lease = self.lease
-        _revision, items = await self.etcd.get_prefix(services_prefix(self.prefix))
+        items = await self._keys_of_this_host()
         found: dict[str, Instance | bytes | None] = {}
         revisions: dict[str, tuple[bytes, int]] = {}
         for item in items:
@@ -308,6 +313,26 @@ class EtcdSink:
             to_put=len(plan.puts),
             to_delete=len(plan.deletes),
         )
+
+    async def _keys_of_this_host(self) -> list[KeyValue]:
+        """This host's keys in etcd, with their values.
+
+        After a restart, the keys on the previous run's lease and those it
+        means to write: one lease lookup and a read of this host's keys,
+        instead of the whole prefix (every host of the fleet) each time.
+        Otherwise (first start, lost lease) the prefix's keys only, then the
+        values of this host's.
+        """
+        wanted = self.desired.keys() | self.written.keys()
+        previous = self.previous_lease()
+        if previous is not None:
+            leased = await self.etcd.lease_keys(previous)  # [] if it expired meanwhile
+        else:
+            _, listed = await self.etcd.get_prefix(services_prefix(self.prefix), keys_only=True)
+            leased = [item.key.decode(errors="replace") for item in listed]
+        ours = {k for k in leased if owned_by(self.prefix, k, self.host_id)} | wanted
+        _, items = await self.etcd.get_keys(sorted(ours))
+        return items
 
     async def _flush(self) -> None:
         """Write every pending key; a failure leaves the rest pending."""

@@ -20,6 +20,10 @@ class HostClaim:
         self.host_id = host_id
         self.key = claim_key(prefix, host_id)
         self.holder = holder
+        # The lease of this engine's last registrar, when the last make() took
+        # its claim over (None: the claim was made afresh): its keys are this
+        # host's keys, so a restart need not list the whole prefix.
+        self.taken_over_lease: int | None = None
 
     async def make(self, lease: int) -> None:
         """Hold the claim on ``lease``: create it, or take it over from our own last run.
@@ -28,6 +32,7 @@ class HostClaim:
         a registrar of another engine holds it; etcd errors are the caller's.
         """
         seen = 0  # the mod_revision the claim is expected to have; 0: absent
+        self.taken_over_lease = None
         while True:
             put, current = await self.etcd.put_if(
                 self.key, self.holder.to_json(), mod_revision=seen, lease=lease
@@ -49,6 +54,7 @@ class HostClaim:
                 )
                 raise HostIdTaken(f"host id {self.host_id} is held by {named}")
             if current.lease != lease:
+                self.taken_over_lease = current.lease or None
                 log.info(
                     "host id claim taken over from this engine's last registrar",
                     host_id=self.host_id,

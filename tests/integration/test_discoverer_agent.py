@@ -481,3 +481,77 @@ async def _healthy_quietly(admin_port: int) -> bool:
         return await _healthy(admin_port)
     except OSError:
         return False
+
+
+# -- scale to zero and back: the listener is kept -------------------------------------
+
+
+async def _reloads(admin_port: int) -> float:
+    return await metric(admin_port, "pilotfish_discoverer_reloads_total") or 0.0
+
+
+async def _answers_503(port: int) -> bool:
+    try:
+        status, _ = await http_get(port, "/")
+    except (OSError, IndexError, ValueError):  # refused, or closed without an answer
+        return False
+    return status == 503
+
+
+async def test_scale_to_zero_and_back_needs_no_reload(
+    etcd: Any, prefix: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    async with upstreams("a", "b") as up, writer(endpoint_of(etcd), prefix) as w:
+        a = make_instance("web", up["a"].port, port, mode="http")
+        await w.put(a)
+        async with discoverer(tmp_path, endpoint_of(etcd), prefix) as d:
+            await routable(port, "a")
+            reloads = await _reloads(d.admin_port)
+            await w.delete(a)
+            # No instance left: the listener stays and HAProxy answers 503.
+            await eventually(lambda: _answers_503(port), within=10)
+            b = make_instance("web", up["b"].port, port, mode="http")
+            await w.put(b)
+            assert await routable(port, "b") < 2.0
+            await w.delete(b)
+            await eventually(lambda: _answers_503(port), within=10)
+            await w.put(a)
+            await routable(port, "a")
+            assert await _reloads(d.admin_port) == reloads
+
+
+async def test_retained_listener_goes_after_retention_or_to_a_new_owner(
+    etcd: Any, prefix: str, tmp_path: Path
+) -> None:
+    port, other = free_port(), free_port()
+    async with upstreams("a", "b") as up, writer(endpoint_of(etcd), prefix) as w:
+        a = make_instance("web", up["a"].port, port, mode="http")
+        keep = make_instance("api", up["b"].port, other, mode="http")
+        await w.put(a)
+        await w.put(keep)
+        async with discoverer(tmp_path, endpoint_of(etcd), prefix, listener_retention=1.0) as d:
+            await routable(port, "a")
+            await w.delete(a)
+            await eventually(lambda: _answers_503(port), within=10)
+            # The retention passes with no change in etcd: the listener goes.
+            await eventually(lambda: _refused(port), within=10)
+            _, health = await healthz(d.admin_port)
+            assert health["services"] == 1
+            # Scaled to zero again, and another service claims the port at once.
+            await w.put(a)
+            await routable(port, "a")
+            await w.delete(a)
+            await eventually(lambda: _answers_503(port), within=10)
+            b = make_instance("db", up["b"].port, port, mode="http")
+            await w.put(b)
+            await routable(port, "b")
+            assert await answered_by(other, "b")
+
+
+async def _refused(port: int) -> bool:
+    try:
+        await http_get(port, "/")
+    except OSError:
+        return True
+    return False

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from agents.common.backoff import Backoff
@@ -447,3 +449,56 @@ async def test_list_failure_at_startup_is_retried() -> None:
     assert len(snap.instances) == 1
     assert not src.status()["watching"] or src.watching
     await updates.aclose()
+
+
+# -- one watch per service (--services) ----------------------------------------
+
+
+def test_per_service_ranges_keep_their_own_revision() -> None:
+    ranges = [f"{PREFIX}/services/api/", f"{PREFIX}/services/web/"]
+    s = PrefixState(PREFIX, Bad(), ranges)
+    web, api, api2 = inst(1), inst(2, service="api"), inst(3, service="api")
+    s.replace(10, [])
+    assert s.resume_revision(ranges[0]) == s.resume_revision(ranges[1]) == 11
+    s.apply(*entry(web), 15, 15)
+    # The api watch delivers an older revision after the web one: still applied.
+    s.apply(*entry(api), 12, 12)
+    assert set(s.instances) == {entry(web)[0], entry(api)[0]}
+    assert s.revision == 15
+    assert s.resume_revision(ranges[0]) == 13 and s.resume_revision(ranges[1]) == 16
+    # A resumed api watch replays revision 12 (dropped) and goes on.
+    s.apply(entry(api)[0], None, 11)
+    s.apply(*entry(api2), 13, 13)
+    assert set(s.instances) == {entry(web)[0], entry(api)[0], entry(api2)[0]}
+    s.replace(20, [])
+    assert s.resume_revision(ranges[0]) == 21
+
+
+# -- snapshots without copying the whole state ---------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 40), st.booleans()), max_size=30), min_size=1, max_size=40
+    )
+)
+def test_snapshots_stay_what_they_were(batches: list[list[tuple[int, bool]]]) -> None:
+    """Every snapshot equals the state when it was taken, whatever happens after."""
+    s = PrefixState(PREFIX, Bad())
+    s.replace(1, [(*entry(inst(n)), 1, 1) for n in range(0, 40, 2)])
+    taken = [(s.take_batch(), dict(s.instances), dict(s.created))]
+    revision = 2
+    for batch in batches:
+        for n, put in batch:
+            key, value = entry(inst(n))
+            s.apply(key, value if put else None, revision, revision)
+            revision += 1
+        taken.append((s.take_batch(), dict(s.instances), dict(s.created)))
+    for snap, instances, created in taken:
+        assert dict(snap.instances) == instances and len(snap.instances) == len(instances)
+        assert dict(snap.created) == created
+        for n in range(41):
+            key = entry(inst(n))[0]
+            assert snap.instances.get(key) == instances.get(key)
+            assert (key in snap.instances) == (key in instances)

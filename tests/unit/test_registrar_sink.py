@@ -83,14 +83,27 @@ class FakeEtcd:
         if self.down:
             raise aetcd.exceptions.ConnectionFailedError("down")
 
-    async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
+    async def get_prefix(self, prefix: str, keys_only: bool = False) -> tuple[int, list[KeyValue]]:
         self._call()
         items = [
-            KeyValue(k.encode(), v, lease, self.mod.get(k, 1))
+            KeyValue(k.encode(), b"" if keys_only else v, lease, self.mod.get(k, 1))
             for k, (v, lease) in self.kv.items()
             if k.startswith(prefix)
         ]
         return self.rev, items
+
+    async def get_keys(self, keys: list[str]) -> tuple[int, list[KeyValue]]:
+        self._call()
+        items = [
+            KeyValue(k.encode(), v, lease, self.mod.get(k, 1))
+            for k, (v, lease) in self.kv.items()
+            if k in keys
+        ]
+        return self.rev, items
+
+    async def lease_keys(self, lease_id: int) -> list[str]:
+        self._call()
+        return [k for k, (_, lease) in self.kv.items() if lease == lease_id]
 
     async def put(self, key: str, value: bytes, lease: int | None = None) -> int:
         self._call()

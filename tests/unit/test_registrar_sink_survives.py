@@ -61,10 +61,10 @@ async def test_a_bug_in_a_round_is_retried_instead_of_ending_the_sink() -> None:
     real_get = fake.get_prefix
     failures = [RuntimeError("a bug")]
 
-    async def get_prefix(prefix: str) -> tuple[int, list[object]]:
+    async def get_prefix(prefix: str, keys_only: bool = False) -> tuple[int, list[object]]:
         if failures:
             raise failures.pop()
-        return await real_get(prefix)  # type: ignore[return-value]
+        return await real_get(prefix, keys_only)  # type: ignore[return-value]
 
     fake.get_prefix = get_prefix  # type: ignore[assignment]
     async with running(fake) as sink:
