@@ -56,15 +56,23 @@ def ancestors(prefix: str) -> list[str]:
     return ["/" + "/".join(parts[:i]) if i else "" for i in range(len(parts) - 1, -1, -1)]
 
 
-def probes_for(agent: Agent, prefixes: list[str], siblings: Iterable[str] = ()) -> list[Probe]:
-    """What ``agent`` must be allowed and refused; ``siblings``: other environments' prefixes."""
+def probes_for(
+    agent: Agent, prefixes: list[str], siblings: Iterable[str] = (), publishes_status: bool = True
+) -> list[Probe]:
+    """What ``agent`` must be allowed and refused; ``siblings``: other environments' prefixes.
+
+    A discoverer that publishes its status must be allowed to write it: one that
+    cannot is invisible to ``pilotfish drain --wait`` and the upgrader, which
+    would then stop a container it still routes to.
+    """
     if agent == "catalog":
         return [Probe(f"{p}/services/{PROBE}", "read", True, True, "the catalog") for p in prefixes]
     prefix = prefixes[0]
     if agent == "discoverer":
+        status = Probe(f"{prefix}/discoverers/{PROBE}", "write", True, True, "its status key")
         return [
             Probe(f"{prefix}/services/{PROBE}", "read", True, True, "registrations"),
-            Probe(f"{prefix}/discoverers/{PROBE}", "write", True, True, "its status key"),
+            *([status] if publishes_status else []),
             Probe(f"{prefix}/services/{PROBE}", "write", False, False, "registrations"),
         ]
     probes = [Probe(f"{prefix}/services/{PROBE}", "read", True, True, "registrations")]
@@ -140,7 +148,9 @@ async def sibling_prefixes(etcd: Etcd, own: str) -> list[str]:
     return found
 
 
-async def check_access(etcd: Etcd, agent: Agent, prefixes: list[str]) -> list[str]:
+async def check_access(
+    etcd: Etcd, agent: Agent, prefixes: list[str], publishes_status: bool = True
+) -> list[str]:
     """Prove the rights of ``agent``; the warnings. Raises :class:`AccessDenied`."""
     enabled = await etcd.auth_enabled()
     state = await _state_if_root(etcd)
@@ -150,7 +160,7 @@ async def check_access(etcd: Etcd, agent: Agent, prefixes: list[str]) -> list[st
     writer = agent in ("registrar", "upgrader")
     try:
         siblings = await sibling_prefixes(etcd, prefixes[0]) if writer else []
-        probes = probes_for(agent, prefixes, siblings)
+        probes = probes_for(agent, prefixes, siblings, publishes_status)
         answers = await asyncio.gather(
             *(etcd.may_write(p.key) if p.op == "write" else etcd.may_read(p.key) for p in probes)
         )
@@ -196,13 +206,15 @@ def roles_unenforced(
     return warnings
 
 
-async def ensure_access(etcd: Etcd, agent: Agent, prefixes: list[str]) -> None:
+async def ensure_access(
+    etcd: Etcd, agent: Agent, prefixes: list[str], publishes_status: bool = True
+) -> None:
     """:func:`check_access` once etcd answers (retrying with backoff while it does not)."""
     backoff = Backoff(initial=0.2, maximum=5.0)
     waiting = False
     while True:
         try:
-            warnings = await check_access(etcd, agent, prefixes)
+            warnings = await check_access(etcd, agent, prefixes, publishes_status)
             break
         except AuthenticationRefused as error:
             raise AccessDenied(str(error)) from None
@@ -220,9 +232,11 @@ async def checked(check: Awaitable[None], run: Awaitable[T]) -> T:
     """Run ``run`` while ``check`` proves access; a refusal cancels ``run`` and is raised."""
     check_task, run_task = asyncio.ensure_future(check), asyncio.ensure_future(run)
     try:
-        done, _ = await asyncio.wait({check_task, run_task}, return_when=asyncio.FIRST_EXCEPTION)
+        # FIRST_COMPLETED, not FIRST_EXCEPTION: a check still retrying (etcd away)
+        # must not outlive a run that has finished.
+        done, _ = await asyncio.wait({check_task, run_task}, return_when=asyncio.FIRST_COMPLETED)
         if check_task in done:
-            check_task.result()
+            check_task.result()  # AccessDenied; else proven: the run goes on
         return await run_task
     finally:
         for task in (check_task, run_task):

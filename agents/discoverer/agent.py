@@ -335,7 +335,12 @@ async def serve(settings: DiscovererSettings, stop: asyncio.Event) -> None:
     )
     await admin.start()
     loop = asyncio.create_task(
-        checked(ensure_access(etcd, "discoverer", [settings.prefix]), discoverer.run()),
+        checked(
+            ensure_access(
+                etcd, "discoverer", [settings.prefix], publishes_status=publisher is not None
+            ),
+            discoverer.run(),
+        ),
         name="discoverer",
     )
     status = asyncio.create_task(_publish(publisher), name="status")

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from agents.common.access import ensure_access
+from agents.common.access import checked, ensure_access
 from agents.common.admin import AdminServer
 from agents.common.backoff import Backoff
 from agents.common.docker_events import DockerSource, DockerUnavailable, ImageEvent
@@ -383,13 +383,17 @@ async def serve(settings: UpgraderSettings, stop: asyncio.Event) -> int:
         Etcd(settings) as etcd,
         DockerSource(settings.docker_host, event_types=("image",)) as source,
     ):
-        if not settings.dry_run and not await _access_proven(etcd, settings, stop):
-            return 1
         upgrader = Upgrader(settings, source, etcd, metrics)
+        if settings.dry_run:
+            return await _one_pass(upgrader, dry_run=True)
+        # The registrar's user (drain requests, registrations): refused rights
+        # end the command with one line and exit 2. Proven beside the work, not
+        # before it: etcd away is the work's own failure to report.
+        access = ensure_access(etcd, "upgrader", [settings.prefix])
         if settings.rollback:
-            return _code([await upgrader.rollback(settings.rollback)])
-        if settings.once or settings.dry_run:
-            return await _one_pass(upgrader, dry_run=settings.dry_run)
+            return _code([await checked(access, upgrader.rollback(settings.rollback))])
+        if settings.once:
+            return await checked(access, _one_pass(upgrader, dry_run=False))
         admin = AdminServer(settings.admin_address, upgrader.health, metrics.registry)
         await admin.start()
         log.info(
@@ -405,7 +409,7 @@ async def serve(settings: UpgraderSettings, stop: asyncio.Event) -> int:
                 stop,
                 upgrader.watch_docker(),
                 upgrader.tick(),
-                upgrader.work(),
+                checked(access, upgrader.work()),
                 watchdog_loop(lambda: upgrader.health()[0]),
             )
         finally:
@@ -426,32 +430,6 @@ async def _one_pass(upgrader: Upgrader, *, dry_run: bool) -> int:
 
 def _code(outcomes: Iterable[Outcome]) -> int:
     return 1 if any(o.result in ("failed", "interrupted") for o in outcomes) else 0
-
-
-async def _access_proven(etcd: Etcd, settings: UpgraderSettings, stop: asyncio.Event) -> bool:
-    """Whether the etcd user's rights are proven (the registrar's: drain requests,
-    registrations). Refused rights raise AccessDenied (one line, exit 2); etcd
-    away is waited for until ``stop``, and for one pass or a rollback at most
-    ``--health-timeout`` seconds."""
-    one_shot = settings.once or bool(settings.rollback)
-    check = asyncio.ensure_future(ensure_access(etcd, "upgrader", [settings.prefix]))
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        done, _ = await asyncio.wait(
-            {check, stopping},
-            timeout=settings.health_timeout if one_shot else None,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if check in done:
-            check.result()
-            return True
-        if not stop.is_set():
-            log.error("etcd did not answer", etcd=etcd.target, seconds=settings.health_timeout)
-        return False
-    finally:
-        for task in (check, stopping):
-            task.cancel()
-        await asyncio.gather(check, stopping, return_exceptions=True)
 
 
 def run(settings: UpgraderSettings) -> int:

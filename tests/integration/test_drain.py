@@ -234,11 +234,17 @@ async def test_hostile_drain_keys_and_status_values_hurt_nobody(
 async def test_a_status_put_etcd_refuses_is_logged_once_and_routing_goes_on(
     auth_etcd: Any, prefix: str, tmp_path: Path
 ) -> None:
-    """A discoverer whose etcd role may read but not write its status key."""
+    """A discoverer whose role loses the right to write its status key while it runs.
+
+    (At start, the missing right is refused outright: tests/integration/
+    test_environments.py.)
+    """
     endpoint = str(auth_etcd.endpoint)
+    status_keys = f"{prefix}/discoverers/"
     for args in (
         ["role", "add", "pf-reader"],
         ["role", "grant-permission", "pf-reader", "read", "--prefix=true", f"{prefix}/"],
+        ["role", "grant-permission", "pf-reader", "readwrite", "--prefix=true", status_keys],
         ["user", "add", "reader:reader-secret"],
         ["user", "grant-role", "reader", "pf-reader"],
     ):
@@ -253,8 +259,10 @@ async def test_a_status_put_etcd_refuses_is_logged_once_and_routing_goes_on(
             with capture_logs() as logs:
                 async with discoverer(tmp_path, endpoint, prefix, **reader) as d:
                     await routable(port, "a")
+                    revoke = ["role", "revoke-permission", "pf-reader", status_keys]
+                    await _etcdctl(endpoint, *revoke, "--prefix=true")
+                    await w.put(make_instance("web", b.port, port))  # a change: a status put
                     await eventually(lambda: _refused(logs), within=10)
-                    await w.put(make_instance("web", b.port, port))
                     await routable(port, "b")
                     await asyncio.sleep(0.5)  # retries meanwhile: still one line
                     assert await request(port) in ("a", "b")

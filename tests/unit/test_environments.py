@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.common.access import PROBE, Probe, ancestors, probes_for, verdict
+from agents.common.access import (
+    PROBE,
+    AccessDenied,
+    Probe,
+    ancestors,
+    checked,
+    probes_for,
+    verdict,
+)
 from agents.common.schema import SchemaError, environment_key, parse_environment
 from agents.env.model import (
     AddRole,
@@ -214,9 +224,36 @@ def test_a_discoverer_that_may_write_registrations_is_only_warned() -> None:
     assert "may not write /p/discoverers/" in fatal[0]
 
 
+def test_a_discoverer_without_a_status_key_needs_only_to_read() -> None:
+    probes = probes_for("discoverer", ["/p"], publishes_status=False)
+    fatal, _ = verdict("u", [(p, p.op == "read") for p in probes])
+    assert fatal == []
+
+
 def test_the_catalog_reads_every_prefix() -> None:
     probes = probes_for("catalog", ["/a", "/b"])
     assert probes == [
         Probe(f"/a/services/{PROBE}", "read", True, True, "the catalog"),
         Probe(f"/b/services/{PROBE}", "read", True, True, "the catalog"),
     ]
+
+
+async def test_checked_returns_when_the_run_ends_before_the_check() -> None:
+    async def never_proven() -> None:
+        await asyncio.sleep(3600)  # etcd away: ensure_access retries on
+
+    async def short_run() -> int:
+        return 7
+
+    assert await asyncio.wait_for(checked(never_proven(), short_run()), 5) == 7
+
+
+async def test_checked_ends_the_run_when_access_is_refused() -> None:
+    async def refused() -> None:
+        raise AccessDenied("no")
+
+    async def long_run() -> None:
+        await asyncio.sleep(3600)
+
+    with pytest.raises(AccessDenied):
+        await asyncio.wait_for(checked(refused(), long_run()), 5)
